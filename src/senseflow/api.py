@@ -1,0 +1,63 @@
+"""Library entry points: everything the CLI does is a call here, usable from your own scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from .build import build_data, build_method_from, build_models, build_samples, resolve_device, run_directory
+from .config import Config, dump_config
+from .export import export_student
+from .rng import RandomStreams
+from .teachers.base import SenseflowError
+from .train.checkpoint import latest_checkpoint
+from .train.trainer import Trainer, TrainerHooks
+
+ResumeMode = Literal["auto", "never"]
+
+
+def prepare_run_dir(config: Config, resume: str) -> Path:
+    """Create the run directory; refuse to mix two runs in one directory."""
+    run_dir = run_directory(config)
+    has_ckpt = latest_checkpoint(run_dir) is not None
+    if has_ckpt and resume == "never":
+        raise SenseflowError(f"paths.output {str(run_dir)!r} already holds a run; use --resume auto to continue it "
+                             "or choose another paths.output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+    return run_dir
+
+
+def build_trainer(config: Config, resume: str = "auto", hooks: TrainerHooks | None = None) -> Trainer:
+    """Everything short of ``fit()``: models, method, data, optimisers, resumed state."""
+    device = resolve_device(config.train.device)
+    models = build_models(config, device)
+    adapter = models.teacher.adapter
+    method = build_method_from(config, models)
+    data = build_data(config, adapter, device)
+    samples = build_samples(config, adapter, device)
+    run_dir = prepare_run_dir(config, resume)
+    rng = RandomStreams(config.train.seed, rank=0, device=device)
+    optim = {"generator": config.optim.generator, "fake_score": config.optim.fake_score,
+             "discriminator": config.optim.discriminator}
+    trainer = Trainer(method, data, config.train, optim, run_dir, rng, device, samples=samples,
+                      sampler=config.generator.sampler, hooks=hooks)
+    if resume == "auto":
+        trainer.resume()
+    elif resume != "never":
+        ckpt = Path(resume)
+        if not ckpt.is_dir():
+            raise SenseflowError(f"--resume {resume!r}: not a checkpoint directory")
+        trainer.resume(ckpt)
+    return trainer
+
+
+def train(config: Config, resume: str = "auto", hooks: TrainerHooks | None = None) -> Trainer:
+    """Train a student as configured; writes checkpoints, logs, samples and ``<output>/student/``."""
+    trainer = build_trainer(config, resume, hooks)
+    trainer.fit()
+    export_student(trainer.method.models.generator, trainer.run_dir / "student",
+                   {"family": config.teacher.family, "teacher": config.paths.teacher,
+                    "resolution": config.teacher.resolution, "sampler": config.generator.sampler,
+                    "method": config.method.name, "step": trainer.step})
+    return trainer

@@ -1,0 +1,134 @@
+"""Assemble a run from a validated :class:`~senseflow.config.Config`: teacher, networks, method, data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import BUILTIN_PREFIX, Config
+from .data.prompts import PromptStream, load_prompts
+from .generator import FewStepGenerator
+from .methods import DistillationModels, Method, build_method
+from .methods.base import Batch
+from .rng import RandomStreams, derive_seed
+from .schedules import anchors as unit_to_native
+from .teachers.base import Denoiser, ModelAdapter, SenseflowError, freeze
+from .train.trainer import SampleSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+TeacherLoader = Callable[[Config, torch.device], tuple[ModelAdapter, nn.Module]]
+_LOADERS: dict[str, TeacherLoader] = {}
+
+
+def register_family(name: str) -> Callable[[TeacherLoader], TeacherLoader]:
+    """Register a loader ``(config, device) -> (adapter, teacher_backbone)`` for a teacher family."""
+    def deco(fn: TeacherLoader) -> TeacherLoader:
+        _LOADERS[name] = fn
+        return fn
+    return deco
+
+
+@register_family("custom")
+def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+    from .teachers.custom import load_factory
+
+    path = None if config.paths.teacher.startswith(BUILTIN_PREFIX) else config.paths.teacher
+    kwargs = {"path": path, "resolution": config.teacher.resolution, "device": device}
+    if config.teacher.shift is not None:
+        kwargs["shift"] = config.teacher.shift
+    return load_factory(config.teacher.factory)(**kwargs)
+
+
+def load_teacher(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+    family = config.teacher.family
+    if family not in _LOADERS:
+        _import_family(family)
+    if family not in _LOADERS:
+        raise SenseflowError(f"teacher.family {family!r} is not available in this version of senseflow")
+    adapter, backbone = _LOADERS[family](config, device)
+    return adapter, backbone.to(device=device, dtype=DTYPES[config.teacher.dtype])
+
+
+def _import_family(family: str) -> None:
+    """Family modules register themselves on import; import lazily so unused families cost nothing."""
+    import importlib
+
+    module = {"sd3": "senseflow.teachers.sd3_family", "toy": "senseflow.toy.family",
+              "flux": "senseflow.teachers.flux", "sdxl": "senseflow.teachers.sdxl",
+              "sana": "senseflow.teachers.sana"}.get(family)
+    if module is None:
+        return
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+
+
+def build_models(config: Config, device: torch.device) -> DistillationModels:
+    adapter, backbone = load_teacher(config, device)
+    teacher = Denoiser(freeze(backbone), adapter)
+    student = adapter.make_student(backbone).requires_grad_(True).train()
+    generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, config.generator.anchors))
+    fake = Denoiser(adapter.make_fake_score(backbone).requires_grad_(True).train(), adapter)
+    return DistillationModels(teacher=teacher, generator=generator, fake_score=fake)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SenseflowError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class PromptBatches:
+    """Prompt-only batches (data-free training): prompts -> conditioning via the teacher's encoders."""
+
+    def __init__(self, stream: PromptStream, adapter: ModelAdapter, device: torch.device) -> None:
+        self.stream, self.adapter, self.device = stream, adapter, device
+
+    def next_batch(self) -> Batch:
+        prompts = self.stream.next_prompts()
+        return Batch(prompts, self.adapter.encode_prompts(prompts).to(self.device))
+
+    def state_dict(self) -> dict[str, int]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.stream.load_state_dict(state)
+
+
+def training_prompts(config: Config) -> list[str]:
+    if config.paths.prompts is None:
+        raise SenseflowError("paths.prompts is not set: give a prompt file (one prompt per line)")
+    return load_prompts(config.paths.prompts)
+
+
+def build_data(config: Config, adapter: ModelAdapter, device: torch.device, rank: int = 0, world_size: int = 1):
+    stream = PromptStream(training_prompts(config), config.train.batch_size, derive_seed(config.train.seed, "data"),
+                          rank, world_size)
+    return PromptBatches(stream, adapter, device)
+
+
+def build_samples(config: Config, adapter: ModelAdapter, device: torch.device) -> SampleSpec:
+    if config.paths.eval_prompts:
+        prompts = load_prompts(config.paths.eval_prompts)
+    else:
+        prompts = training_prompts(config)
+    prompts = prompts[: config.train.num_samples]
+    g = torch.Generator().manual_seed(derive_seed(config.train.seed, "grid-noise"))
+    noise = torch.randn((len(prompts), *adapter.latent_shape()), generator=g).to(device)
+    return SampleSpec(prompts, adapter.encode_prompts(prompts).to(device), noise)
+
+
+def build_method_from(config: Config, models: DistillationModels) -> Method:
+    return build_method(models, config.method)
+
+
+def run_directory(config: Config) -> Path:
+    return Path(config.paths.output)

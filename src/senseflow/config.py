@@ -1,0 +1,209 @@
+"""Typed run configuration: YAML with a ``paths`` section, ``--set key=value`` overrides, strict validation.
+
+Every section forbids unknown keys, every number has a range, and problems are reported as ONE
+line naming the key (``config error: method.ttur: Input should be greater than or equal to 1``)
+before anything is written to disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .configbase import StrictModel
+from .methods import MethodConfig
+from .teachers.base import SenseflowError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class PathsConfig(StrictModel):
+    """Where things are.  ``teacher`` is a local diffusers folder or ``builtin:<name>``."""
+
+    teacher: str
+    prompts: str | None = Field(None, description="training prompts: .txt (one per line), .json or .csv")
+    eval_prompts: str | None = Field(None, description="prompts for sample grids (default: the first training prompts)")
+    output: str = "runs/senseflow"
+
+
+class TeacherConfig(StrictModel):
+    family: Literal["toy", "sd3", "flux", "sdxl", "sana", "custom"]
+    factory: str | None = Field(None, description="custom family: 'package.module:function' returning (adapter, backbone)")
+    resolution: int = Field(1024, ge=8, le=8192)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    shift: float | None = Field(None, gt=0.0, description="override the scheduler's shift (rectified flow)")
+
+    @model_validator(mode="after")
+    def _factory(self) -> "TeacherConfig":
+        if self.family == "custom" and not self.factory:
+            raise ValueError("family 'custom' needs teacher.factory = 'package.module:function'")
+        if self.family != "custom" and self.factory:
+            raise ValueError("teacher.factory is only used with family 'custom'")
+        return self
+
+
+class GeneratorConfig(StrictModel):
+    anchors: list[float] = Field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25],
+                                 description="unit (unshifted, index/1000) anchor times, strictly decreasing in (0, 1]")
+    sampler: Literal["stochastic", "euler"] = "stochastic"
+
+    @field_validator("anchors")
+    @classmethod
+    def _anchors(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("need at least one anchor")
+        if any(not 0.0 < a <= 1.0 for a in v):
+            raise ValueError(f"anchors must lie in (0, 1], got {v}")
+        if any(b >= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"anchors must be strictly decreasing, got {v}")
+        return v
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = Field(1e-6, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must be in [0, 1), got {list(v)}")
+        return v
+
+
+class OptimConfig(StrictModel):
+    generator: OptimizerConfig = OptimizerConfig()
+    fake_score: OptimizerConfig = OptimizerConfig()
+    discriminator: OptimizerConfig = OptimizerConfig()
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(1000, ge=1, description="training iterations")
+    batch_size: int = Field(1, ge=1, description="per-process batch per iteration")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per iteration (batch_size must divide evenly)")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "amp_bf16"] = "fp32"
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0, description="0 = only at the end")
+    num_samples: int = Field(8, ge=1, le=64)
+    checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    progress: bool = True
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _accum(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        return self
+
+
+class Config(StrictModel):
+    paths: PathsConfig
+    teacher: TeacherConfig
+    generator: GeneratorConfig = GeneratorConfig()
+    method: MethodConfig = Field(discriminator="name")
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def check_paths(self) -> None:
+        """Fail (one line) on inputs that do not exist, before a run directory is created."""
+        teacher = self.paths.teacher
+        if not teacher.startswith(BUILTIN_PREFIX) and self.teacher.family != "custom" and not Path(teacher).is_dir():
+            raise SenseflowError(f"paths.teacher: {teacher!r} is not a directory; point it at a local diffusers folder")
+        for key in ("prompts", "eval_prompts"):
+            value = getattr(self.paths, key)
+            if value is not None and not value.startswith(BUILTIN_PREFIX) and not Path(value).is_file():
+                raise SenseflowError(f"paths.{key}: file {value!r} not found")
+        out = Path(self.paths.output)
+        if out.exists() and not out.is_dir():
+            raise SenseflowError(f"paths.output: {str(out)!r} exists and is not a directory")
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("senseflow", "dmd2", "sid")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see docs/config.md)"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (+{len(parts) - 1} more)" if len(parts) > 1 else ""
+    return f"config error: {parts[0]}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in item:
+        raise SenseflowError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise SenseflowError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise SenseflowError(f"--set {item!r}: cannot parse value ({exc.__class__.__name__})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a new dict with ``--set`` overrides applied (the input is never mutated)."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise SenseflowError(f"--set {item!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SenseflowError(f"config file {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SenseflowError(f"config file {str(p)!r} is not valid YAML{where}") from exc
+    if not isinstance(data, dict):
+        raise SenseflowError(f"config file {str(p)!r} must contain a mapping of sections")
+    return data
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise SenseflowError(_format_error(err)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
+    """Load, override, validate and (optionally) check the paths of a run config."""
+    config = validate(apply_overrides(load_yaml(path), overrides or []))
+    if check_paths:
+        config.check_paths()
+    return config
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (saved next to every run)."""
+    return yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)

@@ -1,0 +1,186 @@
+"""DMD2 (Yin et al. 2024) as used by SenseFlow: distribution matching + fake-score regression + TTUR.
+
+Generator loss (ALGORITHMS.md): for G's sample ``x`` noised to ``x_t``,
+``g = (p_r - p_f) / mean|p_r|`` with ``p_r = x - x0_real``, ``p_f = x - x0_fake``, and
+``L = 0.5 * mean((x - sg(x - g))^2)`` -- whose gradient w.r.t. ``x`` is
+``(x0_fake - x0_real) / mean|x - x0_real|`` divided by the number of elements.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..configbase import StrictModel, TimeSamplerConfig
+from ..discriminators.base import AdversarialTerm
+from ..generator import GeneratorInput
+from ..rng import RandomStreams
+from ..teachers.base import Conditioning
+from .base import Batch, DistillationModels, GuidanceSpec, LossOutput, Method, per_sample_mean
+
+
+class DMD2Config(StrictModel):
+    """Settings of plain DMD2 (also the base of SenseFlow's)."""
+
+    name: Literal["dmd2"] = "dmd2"
+    ttur: int = Field(5, ge=1, description="G steps once every `ttur` iterations; the fake score every iteration")
+    real_guidance: GuidanceSpec = GuidanceSpec(cfg=8.0)
+    fake_guidance: GuidanceSpec = GuidanceSpec()
+    dmd_time: TimeSamplerConfig = TimeSamplerConfig(kind="uniform", low=0.02, high=0.98, shift=True)
+    fake_time: TimeSamplerConfig = TimeSamplerConfig(kind="teacher")
+    backward_probability: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="probability of backward simulation when the data has real latents (data-free: always)")
+    adversarial_weight: float = Field(0.0, ge=0.0, description="lambda_G of the adversarial term (0 = off)")
+    adversarial_time_weight: Literal["none", "omega"] = "none"
+
+
+class DMD2(Method):
+    """DMD2: G every ``ttur`` iterations, then the fake score (and discriminator) every iteration."""
+
+    name = "dmd2"
+
+    def __init__(self, models: DistillationModels, config: DMD2Config) -> None:
+        super().__init__(models)
+        if models.fake_score is None:
+            raise ValueError(f"{self.name} needs a fake score network")
+        if config.adversarial_weight > 0 and models.discriminator is None:
+            raise ValueError("adversarial_weight > 0 needs a discriminator")
+        self.config = config
+        self.dmd_time = config.dmd_time.build()
+        self.fake_time = config.fake_time.build()
+
+    # -- policy --------------------------------------------------------------------------------
+    @property
+    def adversarial(self) -> AdversarialTerm | None:
+        d = self.models.discriminator
+        return d if (d is not None and self.config.adversarial_weight > 0) else None
+
+    def networks(self) -> dict[str, nn.Module]:
+        nets: dict[str, nn.Module] = {"generator": self.models.generator, "fake_score": self.models.fake_score}
+        if self.adversarial is not None:
+            nets["discriminator"] = self.adversarial
+        return nets
+
+    def phases(self, iteration: int) -> list[str]:
+        phases = ["generator"] if iteration % self.config.ttur == 0 else []
+        phases.append("fake_score")
+        if self.adversarial is not None:
+            phases.append("discriminator")
+        return phases
+
+    def loss(self, phase: str, batch: Batch, rng: RandomStreams) -> LossOutput:
+        if phase == "generator":
+            return self.generator_loss(batch, rng)
+        if phase == "fake_score":
+            return self.fake_score_loss(batch, rng)
+        if phase == "discriminator" and self.adversarial is not None:
+            with torch.no_grad():
+                x = self.sample_generator(batch, rng)
+            return self.adversarial.discriminator_loss(x, batch)
+        raise ValueError(f"{self.name} has no phase {phase!r}")
+
+    # -- pieces --------------------------------------------------------------------------------
+    def generator_input(self, batch: Batch, rng: RandomStreams) -> GeneratorInput:
+        return self.models.generator.training_input(
+            batch.cond, (len(batch), *self.latent_shape), rng, real_x0=batch.latents,
+            backward_probability=self.config.backward_probability)
+
+    def sample_generator(self, batch: Batch, rng: RandomStreams) -> Tensor:
+        """A detached G sample (``x0``) from a fresh training input (for fake-score / D updates)."""
+        gin = self.generator_input(batch, rng)
+        with torch.no_grad():
+            return self.models.generator(gin.x_t, gin.t, batch.cond)
+
+    def dmd_loss(self, x: Tensor, cond: Conditioning, rng: RandomStreams) -> tuple[Tensor, dict[str, Tensor]]:
+        """The distribution-matching loss for G samples ``x`` (gradient flows into ``x`` only)."""
+        schedule = self.schedule
+        t = self.dmd_time.sample(x.shape[0], schedule, rng.local, rng.device).to(x.device)
+        with torch.no_grad():
+            eps = rng.randn_like(x)
+            x_t = schedule.add_noise(x.detach(), eps, t)
+            x0_real = self.models.teacher(x_t, t, cond, self.config.real_guidance.sample(rng)).float()
+            x0_fake = self.models.fake_score(x_t, t, cond, self.config.fake_guidance.sample(rng)).float()
+            xf = x.detach().float()
+            p_real = xf - x0_real
+            p_fake = xf - x0_fake
+            norm = p_real.abs().flatten(1).mean(dim=1).reshape(-1, *([1] * (x.ndim - 1)))
+            grad = torch.nan_to_num((p_real - p_fake) / norm)
+            target = xf - grad
+        loss = 0.5 * F.mse_loss(x.float(), target, reduction="mean")
+        return loss, {"dmd_grad_norm": grad.norm() / grad.shape[0] ** 0.5}
+
+    def adversarial_loss(self, gin: GeneratorInput, x: Tensor, batch: Batch) -> Tensor:
+        per_sample = self.adversarial.generator_loss(x, batch)
+        if self.config.adversarial_time_weight == "omega":
+            per_sample = per_sample * self.schedule.omega(gin.t).to(per_sample)
+        return per_sample.mean()
+
+    def extra_generator_losses(self, gin: GeneratorInput, x: Tensor, batch: Batch,
+                               rng: RandomStreams) -> dict[str, tuple[float, Tensor]]:
+        """Hook for subclasses: ``name -> (weight, loss)`` added to G's loss."""
+        return {}
+
+    def generator_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
+        gin = self.generator_input(batch, rng)
+        x = self.models.generator(gin.x_t, gin.t, batch.cond)
+        loss, logs = self.dmd_loss(x, batch.cond, rng)
+        logs = {"loss_dmd": loss.detach(), **logs}
+        total = loss
+        if self.adversarial is not None:
+            adv = self.adversarial_loss(gin, x, batch)
+            total = total + self.config.adversarial_weight * adv
+            logs["loss_adv_g"] = adv.detach()
+        for name, (weight, value) in self.extra_generator_losses(gin, x, batch, rng).items():
+            total = total + weight * value
+            logs[f"loss_{name}"] = value.detach()
+        logs["loss_g"] = total.detach()
+        return LossOutput(total, logs)
+
+    def fake_score_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
+        """The teacher's own training loss on detached G samples (velocity / eps MSE)."""
+        x = self.sample_generator(batch, rng).float()
+        schedule = self.schedule
+        t = self.fake_time.sample(x.shape[0], schedule, rng.local, rng.device).to(x.device)
+        eps = rng.randn_like(x)
+        x_t = schedule.add_noise(x, eps, t)
+        pred = self.models.fake_score.native(x_t, t, batch.cond, self.fake_training_guidance(rng))
+        target = schedule.target(x, eps, t)
+        loss = self.fake_reduction(pred.float() - target.float())
+        return LossOutput(loss, {"loss_fake": loss.detach()})
+
+    def fake_training_guidance(self, rng: RandomStreams):
+        return None
+
+    def fake_reduction(self, diff: Tensor) -> Tensor:
+        return diff.pow(2).mean()
+
+
+def ida_update(fake: nn.Module, generator: nn.Module, lam: float) -> int:
+    """Implicit Distribution Alignment: ``phi <- lam * phi + (1 - lam) * theta``, matched by name.
+
+    Runs on whatever tensors the parameters hold (the fp32 master weights under AMP; the local
+    shards under FSDP2, where both networks share one sharding plan).  Parameters the generator
+    lacks (FLUX's guidance embedder, removed from the student) are left as they are.  Returns the
+    number of parameters updated.
+    """
+    gen_params = dict(generator.named_parameters())
+    updated = 0
+    with torch.no_grad():
+        for name, p in fake.named_parameters():
+            q = gen_params.get(name)
+            if q is None:
+                continue
+            if q.shape != p.shape:
+                raise ValueError(f"IDA: parameter {name!r} has shape {tuple(p.shape)} in the fake score "
+                                 f"but {tuple(q.shape)} in the generator")
+            if p.dtype == torch.float32:
+                p.mul_(lam).add_((1.0 - lam) * q.to(p.dtype))
+            else:  # low-precision storage: interpolate in fp32, round once
+                p.copy_(p.float() * lam + (1.0 - lam) * q.float())
+            updated += 1
+    return updated

@@ -1,0 +1,151 @@
+"""Distil your own model: wrap ANY ``nn.Module`` that predicts velocity, eps, v or x0.
+
+The backbone is called as ``backbone(x_t, t_net, **cond.tensors)`` (plus ``guidance=g`` when the
+model has a guidance embedding), where ``t_net = time_scale * t`` in the schedule's native time.
+Prompt encoding is any callable ``list[str] -> dict[str, Tensor]``.
+
+From a YAML config, point ``teacher.factory`` at ``"my_package.my_module:build"``, a function
+``build(path, resolution, device, **options) -> (ModelAdapter, nn.Module)``; :func:`tiny_example` is a
+complete, runnable example of such a factory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..schedules import NoiseSchedule, RectifiedFlow
+from .base import Conditioning, ModelAdapter, SenseflowError
+
+PromptEncoder = Callable[[Sequence[str]], Mapping[str, Tensor]]
+
+
+class CallableAdapter(ModelAdapter):
+    """Adapter for a user network with a plain ``(x_t, t, **cond)`` signature."""
+
+    def __init__(self, schedule: NoiseSchedule, latent_shape: Sequence[int], *, time_scale: float = 1.0,
+                 prompt_encoder: PromptEncoder | None = None, guidance_kwarg: str | None = None,
+                 decode: Callable[[Tensor], Tensor] | None = None, encode: Callable[[Tensor], Tensor] | None = None,
+                 blocks: Sequence[str] = (), output_norm: str | None = None) -> None:
+        self.schedule = schedule
+        self._latent_shape = tuple(int(s) for s in latent_shape)
+        self.time_scale = float(time_scale)
+        self.prompt_encoder = prompt_encoder
+        self.guidance_kwarg = guidance_kwarg
+        self.guidance_kinds = frozenset({"cfg", "embedded"} if guidance_kwarg else {"cfg"})
+        self._decode, self._encode = decode, encode
+        self._blocks = list(blocks)
+        self._output_norm = output_norm
+        self._uncond: Conditioning | None = None
+
+    def predict(self, backbone: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning,
+                embedded_guidance: Tensor | None = None) -> Tensor:
+        kwargs = dict(cond.tensors)
+        if embedded_guidance is not None:
+            kwargs[self.guidance_kwarg] = embedded_guidance.to(x_t.dtype)
+        return backbone(x_t, (t * self.time_scale).to(x_t.dtype), **kwargs)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        if self.prompt_encoder is None:
+            raise SenseflowError("this custom teacher has no prompt encoder: pass prompt_encoder= to CallableAdapter")
+        with torch.no_grad():
+            return Conditioning(dict(self.prompt_encoder(list(prompts))))
+
+    def unconditional(self, batch_size: int) -> Conditioning:
+        if self._uncond is None:
+            self._uncond = self.encode_prompts([""])
+        return self._uncond.expand(batch_size)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return self._latent_shape
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents if self._decode is None else self._decode(latents)
+
+    def encode(self, images: Tensor) -> Tensor:
+        return images if self._encode is None else self._encode(images)
+
+    def block_names(self, backbone: nn.Module) -> list[str]:
+        return list(self._blocks)
+
+    def output_norm_name(self, backbone: nn.Module) -> str | None:
+        return self._output_norm
+
+
+def load_factory(spec: str) -> Callable[..., tuple[ModelAdapter, nn.Module]]:
+    """Import ``"package.module:function"``; a one-line error if it does not resolve."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SenseflowError(f"teacher.factory must look like 'package.module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SenseflowError(f"teacher.factory: cannot import {module_name!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SenseflowError(f"teacher.factory: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+# -------------------------------------------------------------------------------------------------
+# A tiny, self-contained example teacher (random weights): what a user model looks like.
+# -------------------------------------------------------------------------------------------------
+class HashedWordEncoder:
+    """Bag-of-words prompt embedding via hashed random word vectors (no tokenizer files needed)."""
+
+    def __init__(self, dim: int = 32, seed: int = 0) -> None:
+        self.dim, self.seed = dim, seed
+
+    def word_vector(self, word: str) -> Tensor:
+        h = int.from_bytes(hashlib.sha256(f"{self.seed}/{word}".encode()).digest()[:8], "little")
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(h & ((1 << 63) - 1)))
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        out = torch.zeros(len(prompts), self.dim)
+        for i, p in enumerate(prompts):
+            words = p.lower().split()
+            if words:
+                out[i] = torch.stack([self.word_vector(w) for w in words]).mean(0)
+        return {"text": out}
+
+
+class TinyConditionalNet(nn.Module):
+    """A small conv net ``(x_t, t, text) -> prediction`` with FiLM conditioning on time and text."""
+
+    def __init__(self, channels: int = 3, width: int = 32, text_dim: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.cond = nn.Sequential(nn.Linear(text_dim + 16, width * 2), nn.SiLU(), nn.Linear(width * 2, 2 * width))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.GroupNorm(4, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1)) for _ in range(depth))
+        self.norm_out = nn.GroupNorm(4, width)
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        freqs = torch.exp(torch.arange(8, device=x.device, dtype=x.dtype) * (-math.log(1000.0) / 8))
+        ang = t.to(x.dtype)[:, None] * freqs[None] * 1000.0
+        temb = torch.cat([ang.sin(), ang.cos()], dim=1)
+        scale, shift = self.cond(torch.cat([text.to(x.dtype), temb], dim=1)).chunk(2, dim=1)
+        h = self.inp(x) * (1 + scale[..., None, None]) + shift[..., None, None]
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(torch.nn.functional.silu(self.norm_out(h)))
+
+
+def tiny_example(path: str | None = None, resolution: int = 16, device: torch.device | str = "cpu", seed: int = 0,
+                 shift: float = 1.0) -> tuple[CallableAdapter, TinyConditionalNet]:
+    """A randomly initialised tiny velocity teacher in pixel space (examples and tests only).
+
+    It has the factory signature ``(path, resolution, device, **options)``; ``path`` is unused.
+    """
+    torch.manual_seed(seed)
+    backbone = TinyConditionalNet().to(device)
+    adapter = CallableAdapter(RectifiedFlow(shift=shift), (3, resolution, resolution),
+                              prompt_encoder=HashedWordEncoder(seed=seed),
+                              blocks=[f"blocks.{i}" for i in range(len(backbone.blocks))], output_norm="norm_out")
+    return adapter, backbone

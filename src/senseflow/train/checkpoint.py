@@ -1,0 +1,111 @@
+"""Atomic, pickle-free checkpoints.
+
+Layout of ``<run>/checkpoints/step_000100/``:
+  ``<network>.safetensors``   one per trained network (generator, fake_score, discriminator)
+  ``trainer_state.pt``        optimisers, step, RNG states, data position -- tensors and plain
+                              containers only, loaded with ``torch.load(weights_only=True)``
+  ``meta.json``               step and file list, written last
+
+A checkpoint is written into ``step_000100.tmp`` and renamed into place only when complete;
+``<run>/checkpoints/latest`` (also replaced atomically) names the newest one.  A crash at any
+moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..teachers.base import SenseflowError
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.pt"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state as contiguous CPU tensors (safetensors rejects views and shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(module_tensors(module), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_safetensors(module: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise SenseflowError(f"checkpoint file {str(path)!r} not found")
+    state = load_file(str(path))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise SenseflowError(f"{str(path)!r} does not match the network ({what}); was it made from another teacher?")
+
+
+def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, module in networks.items():
+        save_safetensors(module, tmp / f"{name}.safetensors")
+    torch.save(state, tmp / STATE_FILE)
+    _write_text_atomic(tmp / "meta.json", json.dumps({"step": step, "networks": sorted(networks)}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or ``None``."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "meta.json").is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, networks: dict[str, nn.Module]) -> dict[str, Any]:
+    """Load network weights from ``path`` and return the trainer state (no pickled code is run)."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise SenseflowError(f"{str(path)!r} is not a complete senseflow checkpoint (no meta.json)")
+    meta = json.loads((path / "meta.json").read_text())
+    absent = sorted(set(networks) - set(meta.get("networks", [])))
+    if absent:
+        raise SenseflowError(f"checkpoint {str(path)!r} has no weights for {absent}; it was made by another method")
+    for name, module in networks.items():
+        load_safetensors(module, path / f"{name}.safetensors")
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling refusal is a bad checkpoint
+        raise SenseflowError(f"cannot read {str(path / STATE_FILE)!r} safely ({exc.__class__.__name__})") from exc

@@ -1,0 +1,196 @@
+"""The training loop -- infrastructure only.
+
+Devices, precision, gradient accumulation, clipping, the per-network optimisers, checkpoint /
+resume, logging and progress.  *What* is optimised and *when* is the method's business
+(:class:`senseflow.methods.Method`); the trainer contains no model- or method-specific branch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import OptimizerConfig, TrainConfig
+from ..images import make_grid
+from ..methods.base import Batch, Method
+from ..rng import RandomStreams, derive_seed
+from ..teachers.base import Conditioning
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .logging import RunLogger, as_float
+
+
+class BatchSource(Protocol):
+    """Where training batches come from (prompt files, the toy world, image-text data, caches)."""
+
+    def next_batch(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.name]
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class SampleSpec:
+    """Fixed prompts and noise for sample grids, so grids are comparable across steps."""
+
+    prompts: list[str]
+    cond: Conditioning
+    noise: torch.Tensor
+
+
+@dataclass
+class TrainerHooks:
+    """Optional callbacks (e.g. the demo's periodic evaluation), called with (trainer, step)."""
+
+    on_log: list = field(default_factory=list)
+    on_sample: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, method: Method, data: BatchSource, train: TrainConfig, optim: dict[str, OptimizerConfig],
+                 run_dir: Path, rng: RandomStreams, device: torch.device, samples: SampleSpec | None = None,
+                 sampler: str = "stochastic", hooks: TrainerHooks | None = None) -> None:
+        self.method, self.data, self.cfg = method, data, train
+        self.run_dir, self.rng, self.device = Path(run_dir), rng, device
+        self.samples, self.sampler = samples, sampler
+        self.hooks = hooks or TrainerHooks()
+        self.networks = method.networks()
+        self.params: dict[str, list[nn.Parameter]] = {}
+        for name, net in self.networks.items():
+            params = list(net.trainable_parameters()) if hasattr(net, "trainable_parameters") else \
+                [p for p in net.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"network {name!r} has no trainable parameters")
+            self.params[name] = params
+        self.optimizers = {name: build_optimizer(self.params[name], optim[name]) for name in self.networks}
+        self.step = 0
+        self.logger: RunLogger | None = None
+        self.last_logs: dict[str, float] = {}
+
+    # -- one phase -----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.precision == "amp_bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def set_phase(self, phase: str | None) -> None:
+        """Only the current phase's network is trainable: no gradient can leak into another one."""
+        for name, params in self.params.items():
+            for p in params:
+                p.requires_grad_(name == phase)
+
+    def run_phase(self, phase: str, batch: Batch) -> dict[str, Any]:
+        self.set_phase(phase)
+        opt = self.optimizers[phase]
+        opt.zero_grad(set_to_none=True)
+        logs: dict[str, Any] = {}
+        accum = self.cfg.grad_accum
+        for micro in batch.split(accum):
+            with self._autocast():
+                out = self.method.loss(phase, micro, self.rng)
+            (out.loss / accum).backward()
+            for k, v in out.logs.items():
+                logs[k] = logs.get(k, 0.0) + as_float(v) / accum
+        params = self.params[phase]
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        logs[f"grad_norm/{phase}"] = float(norm)
+        if torch.isfinite(norm):
+            opt.step()
+            logs.update(self.method.after_step(phase))
+        else:  # never let one bad batch destroy the weights
+            opt.zero_grad(set_to_none=True)
+            logs[f"skipped/{phase}"] = 1.0
+        self.set_phase(None)
+        return logs
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "rng": self.rng.state_dict(), "data": self.data.state_dict()}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.networks, self.state_dict(), self.cfg.keep_checkpoints)
+
+    def resume(self, path: Path | None = None) -> bool:
+        """Load ``path`` or the run's latest checkpoint; returns whether one was loaded."""
+        path = path or latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.networks)
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.rng.load_state_dict(state["rng"])
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        return True
+
+    # -- samples ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, tag: str = "student") -> None:
+        if self.samples is None or self.logger is None:
+            return
+        gen = self.method.models.generator
+        g = torch.Generator(device="cpu").manual_seed(derive_seed(self.cfg.seed, "grid"))
+        was_training = gen.training
+        gen.eval()
+        with self._autocast():
+            x0 = gen.sample(self.samples.noise, self.samples.cond, sampler=self.sampler, generator=g)
+        gen.train(was_training)
+        images = self.method.models.teacher.adapter.decode(x0.float())
+        scale = max(1, 128 // images.shape[-1])
+        self.logger.image(self.step, tag, make_grid(images, nrow=min(8, len(images)), scale=scale))
+        for hook in self.hooks.on_sample:
+            hook(self, self.step)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        window: dict[str, float] = {}
+        count, t0 = 0, time.perf_counter()
+        try:
+            while self.step < cfg.steps:
+                batch = self.data.next_batch()
+                logs: dict[str, Any] = {}
+                for phase in self.method.phases(self.step):
+                    logs.update(self.run_phase(phase, batch))
+                self.step += 1
+                count += 1
+                for k, v in logs.items():
+                    window[k] = window.get(k, 0.0) + float(v)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = time.perf_counter() - t0
+                    means = {k: v / count for k, v in window.items()}
+                    means["it_per_s"] = count / max(elapsed, 1e-9)
+                    self.last_logs = self.logger.scalars(self.step, means)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in self.last_logs.items()
+                                     if k.startswith("loss_")}, refresh=False)
+                    for hook in self.hooks.on_log:
+                        hook(self, self.step)
+                    window, count, t0 = {}, 0, time.perf_counter()
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.sample_grid()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save()
+            self.save()
+            self.sample_grid()
+        finally:
+            bar.close()
+            self.logger.close()
+        return self.last_logs
