@@ -26,17 +26,17 @@ BUILTIN_PREFIX = "builtin:"
 class PathsConfig(StrictModel):
     """Where things are.  ``teacher`` is a local diffusers folder or ``builtin:<name>``."""
 
-    teacher: str
+    teacher: str = Field(description="local diffusers folder of the teacher, or builtin:<name> (builtin:toy)")
     prompts: str | None = Field(None, description="training prompts: .txt (one per line), .json or .csv")
     eval_prompts: str | None = Field(None, description="prompts for sample grids (default: the first training prompts)")
-    output: str = "runs/senseflow"
+    output: str = Field("runs/senseflow", description="run directory: config, logs, samples, checkpoints, student")
 
 
 class TeacherConfig(StrictModel):
     family: Literal["toy", "sd3", "flux", "sdxl", "sana", "custom"]
     factory: str | None = Field(None, description="custom family: 'package.module:function' returning (adapter, backbone)")
-    resolution: int = Field(1024, ge=8, le=8192)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    resolution: int = Field(1024, ge=8, le=8192, description="training resolution in pixels")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="storage dtype of the frozen teacher")
     shift: float | None = Field(None, gt=0.0, description="override the scheduler's shift (rectified flow)")
 
     @model_validator(mode="after")
@@ -51,7 +51,8 @@ class TeacherConfig(StrictModel):
 class GeneratorConfig(StrictModel):
     anchors: list[float] = Field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25],
                                  description="unit (unshifted, index/1000) anchor times, strictly decreasing in (0, 1]")
-    sampler: Literal["stochastic", "euler"] = "stochastic"
+    sampler: Literal["stochastic", "euler"] = Field(
+        "stochastic", description="stochastic: fresh noise at every anchor (SenseFlow tables); euler: deterministic")
 
     @field_validator("anchors")
     @classmethod
