@@ -103,20 +103,30 @@ class PromptBatches:
         self.stream.load_state_dict(state)
 
 
+TOY_WORLD = "builtin:toy-world"
+
+
 def training_prompts(config: Config) -> list[str]:
     if config.paths.prompts is None:
         raise SenseflowError("paths.prompts is not set: give a prompt file (one prompt per line)")
+    if config.paths.prompts == TOY_WORLD:
+        from .toy.world import evaluation_prompts
+        return evaluation_prompts()
     return load_prompts(config.paths.prompts)
 
 
 def build_data(config: Config, adapter: ModelAdapter, device: torch.device, rank: int = 0, world_size: int = 1):
+    """Prompt files give prompt-only (data-free) batches; ``builtin:toy-world`` gives prompts + real images."""
+    if config.paths.prompts == TOY_WORLD:
+        from .toy.data import ToyWorldBatches
+        return ToyWorldBatches(adapter, config.train.batch_size, config.train.seed, device, rank, world_size)
     stream = PromptStream(training_prompts(config), config.train.batch_size, derive_seed(config.train.seed, "data"),
                           rank, world_size)
     return PromptBatches(stream, adapter, device)
 
 
 def build_samples(config: Config, adapter: ModelAdapter, device: torch.device) -> SampleSpec:
-    if config.paths.eval_prompts:
+    if config.paths.eval_prompts and config.paths.eval_prompts != TOY_WORLD:
         prompts = load_prompts(config.paths.eval_prompts)
     else:
         prompts = training_prompts(config)

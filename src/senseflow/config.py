@@ -27,7 +27,8 @@ class PathsConfig(StrictModel):
     """Where things are.  ``teacher`` is a local diffusers folder or ``builtin:<name>``."""
 
     teacher: str = Field(description="local diffusers folder of the teacher, or builtin:<name> (builtin:toy)")
-    prompts: str | None = Field(None, description="training prompts: .txt (one per line), .json or .csv")
+    prompts: str | None = Field(None, description="training prompts: .txt (one per line), .json or .csv; "
+                                "builtin:toy-world = procedural prompts with real images")
     eval_prompts: str | None = Field(None, description="prompts for sample grids (default: the first training prompts)")
     output: str = Field("runs/senseflow", description="run directory: config, logs, samples, checkpoints, student")
 
@@ -125,6 +126,8 @@ class Config(StrictModel):
             raise SenseflowError(f"paths.teacher: {teacher!r} is not a directory; point it at a local diffusers folder")
         for key in ("prompts", "eval_prompts"):
             value = getattr(self.paths, key)
+            if value is not None and value.startswith(BUILTIN_PREFIX) and value != "builtin:toy-world":
+                raise SenseflowError(f"paths.{key}: unknown built-in {value!r} (available: builtin:toy-world)")
             if value is not None and not value.startswith(BUILTIN_PREFIX) and not Path(value).is_file():
                 raise SenseflowError(f"paths.{key}: file {value!r} not found")
         out = Path(self.paths.output)

@@ -55,6 +55,7 @@ class TrainerHooks:
     """Optional callbacks (e.g. the demo's periodic evaluation), called with (trainer, step)."""
 
     on_log: list = field(default_factory=list)
+    on_step: list = field(default_factory=list)
     on_sample: list = field(default_factory=list)
 
 
@@ -184,6 +185,8 @@ class Trainer:
                     for hook in self.hooks.on_log:
                         hook(self, self.step)
                     window, count, t0 = {}, 0, time.perf_counter()
+                for hook in self.hooks.on_step:
+                    hook(self, self.step)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.sample_grid()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
