@@ -43,6 +43,14 @@ def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn
     return load_factory(config.teacher.factory)(**kwargs)
 
 
+@register_family("sd3")
+def _load_sd3(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+    from .teachers.sd3 import SD3Adapter
+
+    return SD3Adapter.from_pretrained(config.paths.teacher, resolution=config.teacher.resolution, device=device,
+                                      dtype=DTYPES[config.teacher.dtype], shift=config.teacher.shift)
+
+
 def load_teacher(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
     family = config.teacher.family
     if family not in _LOADERS:
@@ -57,7 +65,7 @@ def _import_family(family: str) -> None:
     """Family modules register themselves on import; import lazily so unused families cost nothing."""
     import importlib
 
-    module = {"sd3": "senseflow.teachers.sd3_family", "toy": "senseflow.toy.family",
+    module = {"toy": "senseflow.toy.family",
               "flux": "senseflow.teachers.flux", "sdxl": "senseflow.teachers.sdxl",
               "sana": "senseflow.teachers.sana"}.get(family)
     if module is None:

@@ -109,6 +109,8 @@ class ModelAdapter(ABC):
 
         ``t`` is the schedule's native time as float64 ``[B]``; converting it to what the network
         wants (``1000 t`` for SD3, ``t`` for FLUX, integer index for SDXL) is the adapter's job.
+        Pass the network's timestep in float32 whatever the model dtype (bf16 would round
+        ``1000 t`` to multiples of 4 near 1000).
         """
 
     # -- prompts -------------------------------------------------------------------------------
@@ -118,6 +120,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def unconditional(self, batch_size: int) -> Conditioning:
         """Conditioning for the unconditional branch of CFG (empty prompt, or zeros for SDXL)."""
+
+    def set_unconditional(self, cond: Conditioning) -> None:
+        """Use a cached unconditional embedding (prompt-cache training, text encoders not loaded)."""
+        raise SenseflowError(f"{type(self).__name__} cannot take a cached unconditional embedding")
 
     # -- latents -------------------------------------------------------------------------------
     @abstractmethod
