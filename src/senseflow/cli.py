@@ -53,7 +53,7 @@ def _load_extra_commands() -> None:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name is None or not module.startswith(exc.name):
                 raise
             continue
         adder = getattr(mod, "add_commands", None)
