@@ -10,8 +10,10 @@ fi
 stamp=.venv/.senseflow-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,lora]"
+  # pip's notes about unusable local index paths on some machines are noise: keep real errors only
+  quiet() { "$@" 2> >(grep -v -e "WARNING: Location 'file:" -e "BuildBackendWarning" >&2); }
+  quiet .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  quiet .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+  quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,lora]"
   echo "$want" > "$stamp"
 fi
