@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from .configbase import StrictModel
 from .methods import MethodConfig
 from .teachers.base import SenseflowError
+from .train.distributed import ParallelConfig
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -95,7 +96,9 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0.0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "amp_bf16"] = "fp32"
+    precision: Literal["fp32", "amp_bf16", "bf16"] = Field(
+        "fp32", description="amp_bf16: fp32 master weights + bf16 autocast; bf16: pure bf16 weights "
+                            "(SiD-DiT's setting: use Adam eps 1e-4); losses are always computed in fp32")
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(0, ge=0, description="0 = only at the end")
     num_samples: int = Field(8, ge=1, le=64)
@@ -118,6 +121,7 @@ class Config(StrictModel):
     method: MethodConfig = Field(discriminator="name")
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     def check_paths(self) -> None:
         """Fail (one line) on inputs that do not exist, before a run directory is created."""

@@ -20,6 +20,13 @@ def export_student(generator: FewStepGenerator, out_dir: str | os.PathLike, meta
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(generator.denoiser.backbone, out / STUDENT_WEIGHTS,
                      metadata={"format": "pt", "producer": "senseflow"})
+    return export_meta(generator, out, meta)
+
+
+def export_meta(generator: FewStepGenerator, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write ``student.json``: the anchors and sampler a student must be run with."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     info = {"anchors": generator.anchors, **meta}
     tmp = out / f".{STUDENT_META}.tmp"
     tmp.write_text(json.dumps(info, indent=2))

@@ -45,10 +45,13 @@ class CallableAdapter(ModelAdapter):
 
     def predict(self, backbone: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning,
                 embedded_guidance: Tensor | None = None) -> Tensor:
-        kwargs = dict(cond.tensors)
+        param = next(backbone.parameters(), None)
+        dtype = x_t.dtype if param is None else param.dtype  # pure-bf16 students take bf16 inputs
+        kwargs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.tensors.items()}
         if embedded_guidance is not None:
-            kwargs[self.guidance_kwarg] = embedded_guidance.to(x_t.dtype)
-        return backbone(x_t, (t * self.time_scale).to(x_t.dtype), **kwargs)
+            kwargs[self.guidance_kwarg] = embedded_guidance.to(dtype)
+        out = backbone(x_t.to(dtype), (t * self.time_scale).to(dtype), **kwargs)
+        return out.to(x_t.dtype)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         if self.prompt_encoder is None:

@@ -23,7 +23,9 @@ from ..methods.base import Batch, Method
 from ..rng import RandomStreams, derive_seed
 from ..teachers.base import Conditioning
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistContext, full_tensor
 from .logging import RunLogger, as_float
+from .sharded import is_sharded, load_sharded, save_sharded
 
 
 class BatchSource(Protocol):
@@ -62,8 +64,10 @@ class TrainerHooks:
 class Trainer:
     def __init__(self, method: Method, data: BatchSource, train: TrainConfig, optim: dict[str, OptimizerConfig],
                  run_dir: Path, rng: RandomStreams, device: torch.device, samples: SampleSpec | None = None,
-                 sampler: str = "stochastic", hooks: TrainerHooks | None = None) -> None:
+                 sampler: str = "stochastic", hooks: TrainerHooks | None = None,
+                 ctx: DistContext | None = None) -> None:
         self.method, self.data, self.cfg = method, data, train
+        self.ctx = ctx or DistContext(device=device)
         self.run_dir, self.rng, self.device = Path(run_dir), rng, device
         self.samples, self.sampler = samples, sampler
         self.hooks = hooks or TrainerHooks()
@@ -106,7 +110,7 @@ class Trainer:
                 logs[k] = logs.get(k, 0.0) + as_float(v) / accum
         params = self.params[phase]
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))
         logs[f"grad_norm/{phase}"] = float(norm)
         if torch.isfinite(norm):
             opt.step()
@@ -123,13 +127,33 @@ class Trainer:
                 "rng": self.rng.state_dict(), "data": self.data.state_dict()}
 
     def save(self) -> Path:
+        if self.ctx.distributed:
+            shared = {"step": self.step, "data": self.data.state_dict(), "rng_shared": self.rng.shared.get_state()}
+            return save_sharded(self.run_dir, self.step, self.networks, self.optimizers, shared,
+                                self.rng.state_dict(), self.ctx, self.cfg.keep_checkpoints)
         return save_checkpoint(self.run_dir, self.step, self.networks, self.state_dict(), self.cfg.keep_checkpoints)
 
     def resume(self, path: Path | None = None) -> bool:
-        """Load ``path`` or the run's latest checkpoint; returns whether one was loaded."""
+        """Load ``path`` or the run's latest checkpoint; returns whether one was loaded.
+
+        Sharded (DCP) checkpoints load onto any world size, a single process included; each rank
+        takes back its own RNG streams when the checkpoint has them (new ranks keep fresh ones).
+        """
         path = path or latest_checkpoint(self.run_dir)
         if path is None:
             return False
+        if is_sharded(path):
+            shared, local = load_sharded(path, self.networks, self.optimizers, self.ctx.rank)
+            if local is not None:
+                self.rng.load_state_dict(local)
+            self.rng.shared.set_state(shared["rng_shared"])
+            self.data.load_state_dict(shared["data"])
+            self.step = int(shared["step"])
+            return True
+        if self.ctx.distributed:
+            from ..teachers.base import SenseflowError
+            raise SenseflowError(f"{str(path)!r} is a single-process checkpoint; resume it with one process "
+                                 "(multi-process runs write sharded checkpoints that load on any world size)")
         state = load_checkpoint(path, self.networks)
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
@@ -141,7 +165,7 @@ class Trainer:
     # -- samples ---------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_grid(self, tag: str = "student") -> None:
-        if self.samples is None or self.logger is None:
+        if self.samples is None:
             return
         gen = self.method.models.generator
         g = torch.Generator(device="cpu").manual_seed(derive_seed(self.cfg.seed, "grid"))
@@ -151,6 +175,8 @@ class Trainer:
             x0 = gen.sample(self.samples.noise, self.samples.cond, sampler=self.sampler, generator=g)
         gen.train(was_training)
         images = self.method.models.teacher.adapter.decode(x0.float())
+        if self.logger is None:  # not the main process: it only took part in the sharded forwards
+            return
         scale = max(1, 128 // images.shape[-1])
         self.logger.image(self.step, tag, make_grid(images, nrow=min(8, len(images)), scale=scale))
         for hook in self.hooks.on_sample:
@@ -159,9 +185,10 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
-        self.logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}", disable=not cfg.progress,
-                   dynamic_ncols=True)
+        main = self.ctx.is_main
+        self.logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard) if main else None
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}",
+                   disable=not (cfg.progress and main), dynamic_ncols=True)
         window: dict[str, float] = {}
         count, t0 = 0, time.perf_counter()
         try:
@@ -178,8 +205,9 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - t0
                     means = {k: v / count for k, v in window.items()}
+                    means = self.ctx.mean(means)
                     means["it_per_s"] = count / max(elapsed, 1e-9)
-                    self.last_logs = self.logger.scalars(self.step, means)
+                    self.last_logs = self.logger.scalars(self.step, means) if main else means
                     bar.set_postfix({k: f"{v:.3g}" for k, v in self.last_logs.items()
                                      if k.startswith("loss_")}, refresh=False)
                     for hook in self.hooks.on_log:
@@ -195,5 +223,6 @@ class Trainer:
             self.sample_grid()
         finally:
             bar.close()
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
         return self.last_logs

@@ -1,0 +1,98 @@
+"""Run under ``torchrun --nproc_per_node=2``: distributed training scenarios, results written to files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from senseflow import api
+from senseflow.build import build_data, build_models
+from senseflow.config import apply_overrides, validate
+from senseflow.methods import build_method
+from senseflow.rng import RandomStreams
+from senseflow.train.distributed import ParallelConfig, init_distributed, parallelize
+from senseflow.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = {
+    "dmd2": ["method={name: dmd2, ttur: 2, real_guidance: {cfg: 3.0}}"],
+    "senseflow": ["method={name: senseflow, ttur: 2, ida_lambda: 0.9, isg_weight: 0.5, isg_guidance: {cfg: 2.0}}"],
+    "sid": ["method={name: sid, teacher_guidance: {cfg: 2.0}, fake_guidance: {cfg: 2.0}, fake_train_guidance: {cfg: 2.0}}"],
+}
+
+
+def config(out: Path, *overrides: str):
+    base = yaml.safe_load((ROOT / "configs/examples/tiny_custom.yaml").read_text())
+    return validate(apply_overrides(base, [f"paths.output={out}", f"paths.prompts={ROOT / 'configs/examples/prompts.txt'}",
+                                           "train.progress=false", "train.tensorboard=false", "teacher.resolution=8",
+                                           "train.batch_size=4", *overrides]))
+
+
+def full_state(module) -> dict[str, torch.Tensor]:
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def same_streams_training(out: Path, method: str, strategy: str, steps: int, ctx) -> None:
+    """Every rank sees the SAME batch and noise: sharded training must equal one process exactly."""
+    cfg = config(out / f"{method}-{strategy}", f"train.steps={steps}", *METHODS[method])
+    models = build_models(cfg, ctx.device)
+    parallelize(models, ParallelConfig(strategy=strategy), "fp32", ctx)
+    trainer = Trainer(build_method(models, cfg.method), build_data(cfg, models.teacher.adapter, ctx.device, 0, 1),
+                      cfg.train, {"generator": cfg.optim.generator, "fake_score": cfg.optim.fake_score},
+                      out / "unused", RandomStreams(cfg.train.seed, rank=0), ctx.device, ctx=ctx)
+    trainer.save = lambda: None  # this scenario only compares weights
+    for _ in range(steps):
+        batch = trainer.data.next_batch()
+        for phase in trainer.method.phases(trainer.step):
+            trainer.run_phase(phase, batch)
+        trainer.step += 1
+    states = {f"generator.{k}": v for k, v in full_state(models.generator).items()}
+    states.update({f"fake_score.{k}": v for k, v in full_state(models.fake_score).items()})
+    if ctx.is_main:
+        save_file(states, str(out / f"{method}-{strategy}.safetensors"))
+
+
+def draws(out: Path, ctx) -> None:
+    """Per-rank noise must differ; shared draws (k, guidance) must agree."""
+    cfg = config(out / "draws", "train.steps=1")
+    models = build_models(cfg, ctx.device)
+    rng = RandomStreams(cfg.train.seed, rank=ctx.rank)
+    cond = models.teacher.adapter.encode_prompts(["a", "b"])
+    record = {"k": [], "noise": [], "guidance": []}
+    from senseflow.methods.base import GuidanceSpec
+    for _ in range(4):
+        gin = models.generator.training_input(cond, (2, 3, 8, 8), rng)
+        record["k"].append(gin.index)
+        record["noise"].append(float(gin.x_t.flatten()[0]))
+        record["guidance"].append(GuidanceSpec(cfg=(1.0, 8.0)).sample(rng).cfg)
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, record)
+    if ctx.is_main:
+        (out / "draws.json").write_text(json.dumps(gathered))
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    ctx = init_distributed("cpu")
+    torch.manual_seed(0)
+    if scenario == "equivalence":
+        for method in ("dmd2", "senseflow", "sid"):
+            same_streams_training(out, method, "fsdp", 4, ctx)
+        same_streams_training(out, "senseflow", "ddp", 4, ctx)
+        draws(out, ctx)
+    elif scenario == "train":  # full API path: per-rank data and noise, sharded checkpoints
+        steps = sys.argv[3]
+        api.train(config(out, f"train.steps={steps}", "train.checkpoint_every=2", *METHODS["senseflow"]))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
