@@ -51,6 +51,35 @@ def _load_sd3(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Mo
                                       dtype=DTYPES[config.teacher.dtype], shift=config.teacher.shift)
 
 
+@register_family("flux")
+def _load_flux(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+    """FLUX.1: dynamic ``mu`` from the scheduler config; ``teacher.shift`` (if set) replaces it by a static shift."""
+    from .teachers.flux import FluxAdapter
+
+    return FluxAdapter.from_pretrained(config.paths.teacher, resolution=config.teacher.resolution, device=device,
+                                       dtype=DTYPES[config.teacher.dtype], shift=config.teacher.shift)
+
+
+@register_family("sdxl")
+def _load_sdxl(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+    """SDXL: DDPM schedule from the scheduler config (``teacher.shift`` does not apply and is refused)."""
+    from .teachers.sdxl import SDXLAdapter
+
+    if config.teacher.shift is not None:
+        raise SenseflowError("teacher.shift is a rectified-flow setting; SDXL (DDPM) has no shift: remove it")
+    return SDXLAdapter.from_pretrained(config.paths.teacher, resolution=config.teacher.resolution, device=device,
+                                       dtype=DTYPES[config.teacher.dtype])
+
+
+@register_family("sana")
+def _load_sana(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+    """SANA / SANA-Sprint: flow or TrigFlow detected from the scheduler; ``teacher.shift`` overrides ``flow_shift``."""
+    from .teachers.sana import SanaAdapter
+
+    return SanaAdapter.from_pretrained(config.paths.teacher, resolution=config.teacher.resolution, device=device,
+                                       dtype=DTYPES[config.teacher.dtype], shift=config.teacher.shift)
+
+
 def load_teacher(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
     family = config.teacher.family
     if family not in _LOADERS:

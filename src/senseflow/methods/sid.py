@@ -8,6 +8,24 @@ networks:
 
 Long-and-short guidance: teacher with CFG kappa4, fake with kappa2 in G's loss, and the fake
 network *trained* on its own CFG-combined prediction (kappa1).
+
+SiD2a (data-aided, ``adversarial: true``): the fake network doubles as a parameter-free
+discriminator -- its hidden states after the final norm layer, averaged over tokens, are ``[B, D]``
+logits (:mod:`senseflow.discriminators.dit_pool`).  Schedule (the released SiD-DiT code; images
+counted globally, before the current iteration: ``images = iteration * images_per_iteration``):
+
+* ``images < adversarial_freeze_images`` (20k): the generator is frozen -- only the fake network
+  (score + discriminator) trains;
+* ``adversarial_freeze_images <= images < adversarial_warmup_images`` (40k): G trains on ``L_SiD``;
+* ``images >= adversarial_warmup_images``: ``L_G = (1 - w) L_SiD + w L_adv`` with ``w =
+  adversarial_weight`` (0.5 = the paper's ``0.5 L_SiD + 0.5 L_adv``).
+
+The fake update always adds ``discriminator_weight * sum_b numel * (BCE(D(x_t^real) -> 1) +
+BCE(D(x_t^fake) -> 0)) / 2 / B`` (BCE averaged over a sample's logits; real latents noised with the
+SAME ``t`` and ``eps`` as the fakes).  ``L_adv = sum_b w_t * numel * BCE(D(x_t) -> 1) / B`` uses the
+fake forward of the SiD loss itself (no extra network call).  Both are scaled by the number of
+latent elements per sample (``numel``) to match the sum-over-elements convention of ``L_SiD`` and
+of the fake loss, as the released code does.  With ``adversarial: false`` nothing changes.
 """
 
 from __future__ import annotations
@@ -20,8 +38,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..configbase import StrictModel, TimeSamplerConfig
+from ..discriminators.dit_pool import LOGIT_CLAMP, PooledFeatureDiscriminator, bce_generator, bce_real_fake
 from ..rng import RandomStreams
-from ..teachers.base import Conditioning
+from ..teachers.base import Conditioning, Guidance, SenseflowError
 from .base import Batch, DistillationModels, GuidanceSpec, LossOutput, Method, per_sample_mean, per_sample_sum
 
 Weighting = Literal["one_minus_t", "legacy", "inv_t", "one_minus_t_sq", "snr_sqrt", "snr"]
@@ -40,6 +59,17 @@ class SiDConfig(StrictModel):
     score_gradients: Literal["through", "detached"] = Field(
         "through", description="'detached' stops gradients through f_r/f_f (diagnostic; SiD proper is 'through')")
     drop_nonfinite: bool = True
+    # -- SiD2a (data-aided adversarial variant; needs real latents) ------------------------------
+    adversarial: bool = Field(False, description="SiD2a: fake network's pooled final-norm features as a discriminator")
+    adversarial_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="w in L_G = (1 - w) L_SiD + w L_adv once the adversarial term is on")
+    discriminator_weight: float = Field(
+        1.0, ge=0.0, description="weight of the BCE discriminator loss in the fake update")
+    adversarial_freeze_images: int = Field(
+        20_000, ge=0, description="the generator is frozen (no G step) until this many images (global) were seen")
+    adversarial_warmup_images: int = Field(
+        40_000, ge=0, description="L_adv joins G's loss once this many images (global) were seen")
+    adversarial_logit_clamp: float = Field(LOGIT_CLAMP, gt=0.0, description="logits are clamped to +-this before BCE")
 
 
 class SiD(Method):
@@ -47,17 +77,42 @@ class SiD(Method):
 
     name = "sid"
 
-    def __init__(self, models: DistillationModels, config: SiDConfig) -> None:
+    def __init__(self, models: DistillationModels, config: SiDConfig, images_per_iteration: int | None = None) -> None:
         super().__init__(models)
         if models.fake_score is None:
             raise ValueError("SiD needs a fake score network")
         self.config = config
         self.time = config.time.build()
+        #: images per iteration over all ranks (global batch): SiD2a's schedule is counted in images
+        self.images_per_iteration = images_per_iteration
+        self.iteration = 0
+        self.pooled: PooledFeatureDiscriminator | None = None
+        if config.adversarial:
+            self.pooled = PooledFeatureDiscriminator(models.fake_score)
+            scheduled = config.adversarial_freeze_images > 0 or config.adversarial_warmup_images > 0
+            if scheduled and (images_per_iteration is None or images_per_iteration < 1):
+                raise SenseflowError("SiD adversarial warm-up is counted in images: build the method with "
+                                     "images_per_iteration = the global batch size")
 
     def networks(self) -> dict[str, nn.Module]:
         return {"generator": self.models.generator, "fake_score": self.models.fake_score}
 
+    # -- SiD2a schedule --------------------------------------------------------------------------
+    def images_seen(self, iteration: int | None = None) -> int:
+        """Images (all ranks) trained on before ``iteration`` (default: the current one)."""
+        it = self.iteration if iteration is None else iteration
+        return it * (self.images_per_iteration or 0)
+
+    def generator_frozen(self, iteration: int | None = None) -> bool:
+        return self.config.adversarial and self.images_seen(iteration) < self.config.adversarial_freeze_images
+
+    def adversarial_active(self, iteration: int | None = None) -> bool:
+        return self.config.adversarial and self.images_seen(iteration) >= self.config.adversarial_warmup_images
+
     def phases(self, iteration: int) -> list[str]:
+        self.iteration = iteration
+        if self.generator_frozen(iteration):
+            return ["fake_score"]
         return ["fake_score", "generator"]
 
     def loss(self, phase: str, batch: Batch, rng: RandomStreams) -> LossOutput:
@@ -99,24 +154,43 @@ class SiD(Method):
 
     def generator_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
         x_g, _ = self.rollout(batch, rng, grad=True)
-        return self.sid_loss(x_g, batch.cond, rng)
+        return self.sid_loss(x_g, batch.cond, rng, adversarial=self.adversarial_active())
 
-    def sid_loss(self, x_g: Tensor, cond: Conditioning, rng: RandomStreams) -> LossOutput:
-        """The SiD generator loss for generator samples ``x_g`` (computed in fp32)."""
+    def sid_loss(self, x_g: Tensor, cond: Conditioning, rng: RandomStreams, adversarial: bool = False) -> LossOutput:
+        """The SiD generator loss for generator samples ``x_g`` (computed in fp32).
+
+        ``adversarial=True`` (SiD2a, once warmed up) reads D's logits from the fake forward and
+        returns ``(1 - w) L_SiD + w L_adv``.
+        """
         x_g = x_g.float()
         n = x_g.shape[0]
         t = self.time.sample(n, self.schedule, rng.local, rng.device).to(x_g.device)
         eps = rng.randn_like(x_g)
         x_t = self.schedule.add_noise(x_g, eps, t)
         f_r = self.models.teacher(x_t, t, cond, self.config.teacher_guidance.sample(rng)).float()
-        f_f = self.models.fake_score(x_t, t, cond, self.config.fake_guidance.sample(rng)).float()
+        d_logits = None
+        if adversarial:
+            with self.pooled.capture() as calls:
+                f_f = self.models.fake_score(x_t, t, cond, self.config.fake_guidance.sample(rng)).float()
+            d_logits = self.pooled.logits(calls, n)
+        else:
+            f_f = self.models.fake_score(x_t, t, cond, self.config.fake_guidance.sample(rng)).float()
         if self.config.score_gradients == "detached":
             f_r, f_f = f_r.detach(), f_f.detach()
         diff = f_r - f_f
         per_sample = per_sample_sum(diff * ((f_r - x_g) - self.config.alpha * diff))
-        per_sample = per_sample * self.weight(t, x_g, f_r)
+        w_t = self.weight(t, x_g, f_r)
+        per_sample = per_sample * w_t
         loss, dropped = self.reduce(per_sample, self.config.lambda_sid)
-        return LossOutput(loss, {"loss_sid": loss.detach(), "sid_dropped": dropped})
+        if d_logits is None:
+            return LossOutput(loss, {"loss_sid": loss.detach(), "sid_dropped": dropped})
+        numel = x_g[0].numel()
+        per_adv = bce_generator(d_logits, self.config.adversarial_logit_clamp) * w_t * numel
+        adv, _ = self.reduce(per_adv, 1.0)
+        w = self.config.adversarial_weight
+        total = (1.0 - w) * loss + w * adv
+        return LossOutput(total, {"loss_sid": loss.detach(), "sid_dropped": dropped, "loss_adv_g": adv.detach(),
+                                  "d_fake_g": d_logits.detach().mean(), "loss_g": total.detach()})
 
     def fake_score_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
         with torch.no_grad():
@@ -125,7 +199,42 @@ class SiD(Method):
         t = self.time.sample(x_g.shape[0], self.schedule, rng.local, rng.device).to(x_g.device)
         eps = rng.randn_like(x_g)
         x_t = self.schedule.add_noise(x_g, eps, t)
+        if self.config.adversarial:
+            return self.fake_and_discriminator_loss(batch, x_g, x_t, eps, t, rng)
         pred = self.models.fake_score.native(x_t, t, batch.cond, self.config.fake_train_guidance.sample(rng))
         target = self.schedule.target(x_g, eps, t)
         loss, dropped = self.reduce(per_sample_sum((pred.float() - target.float()) ** 2), 1.0)
         return LossOutput(loss, {"loss_fake": loss.detach(), "fake_dropped": dropped})
+
+    def fake_and_discriminator_loss(self, batch: Batch, x_g: Tensor, x_t: Tensor, eps: Tensor, t: Tensor,
+                                    rng: RandomStreams) -> LossOutput:
+        """SiD2a's fake update: the flow-matching loss plus ``BCE(real -> 1, fake -> 0)`` on pooled features.
+
+        Real = ``batch.latents`` noised with the same ``t`` and ``eps``; its forward is conditional only
+        (with the same embedded guidance), which equals the conditional half of the CFG forward.
+        """
+        if batch.latents is None:
+            raise SenseflowError("SiD adversarial (SiD2a) needs real latents: train on image-text data "
+                                 "(the batch has none) or set method.adversarial: false")
+        real = batch.latents.to(device=x_g.device, dtype=x_g.dtype)
+        if real.shape != x_g.shape:
+            raise SenseflowError(f"SiD adversarial: real latents have shape {tuple(real.shape)} but generator "
+                                 f"samples {tuple(x_g.shape)}: encode the data at the training resolution")
+        n = x_g.shape[0]
+        fake_net = self.models.fake_score
+        guidance = self.config.fake_train_guidance.sample(rng)
+        with self.pooled.capture() as calls:
+            pred = fake_net.native(x_t, t, batch.cond, guidance)
+        fake_logits = self.pooled.logits(calls, n)
+        x_t_real = self.schedule.add_noise(real, eps, t)
+        with self.pooled.capture() as calls_real:
+            fake_net.native(x_t_real, t, batch.cond, Guidance(embedded=guidance.embedded))
+        real_logits = self.pooled.logits(calls_real, n)
+        target = self.schedule.target(x_g, eps, t)
+        loss, dropped = self.reduce(per_sample_sum((pred.float() - target.float()) ** 2), 1.0)
+        per_d = bce_real_fake(real_logits, fake_logits, self.config.adversarial_logit_clamp) * x_g[0].numel()
+        loss_d, d_dropped = self.reduce(per_d, self.config.discriminator_weight)
+        total = loss + loss_d
+        return LossOutput(total, {"loss_fake": loss.detach(), "fake_dropped": dropped, "loss_d": loss_d.detach(),
+                                  "d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean(),
+                                  "d_dropped": d_dropped})

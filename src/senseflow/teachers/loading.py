@@ -320,3 +320,46 @@ def find_module_name(module: nn.Module, leaf: str, types: Iterable[type] | None 
         if best is None or name.count(".") < best.count("."):
             best = name
     return best
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared by the family adapters (added for FLUX / SDXL / SANA)
+# -------------------------------------------------------------------------------------------------
+def config_of(obj: Any) -> dict[str, Any]:
+    """A config as a plain dict: a dict, a diffusers FrozenDict, a transformers PretrainedConfig or a model."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    cfg = getattr(obj, "config", obj)
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    if hasattr(cfg, "to_dict"):
+        return dict(cfg.to_dict())
+    raise TypeError(f"cannot read a config from {type(obj).__name__}")
+
+
+def component_present(folder: str | os.PathLike, index: Mapping[str, Any] | None, name: str) -> bool:
+    """Whether ``folder/name`` exists; a component that ``model_index.json`` lists but that is missing is an error.
+
+    ``"name": [null, null]`` in ``model_index.json`` declares a component deliberately absent.
+    """
+    if has_subfolder(folder, name):
+        return True
+    if index_declares(index, name):
+        raise SenseflowError(f"model_index.json lists {name} but {Path(folder) / name} is missing: copy it from the "
+                             f"original model, or set \"{name}\": [null, null] in model_index.json to run without it")
+    return False
+
+
+def check_pipeline_family(folder: str | os.PathLike, index: Mapping[str, Any] | None, family: str) -> None:
+    """Refuse a folder whose ``model_index.json`` names another family's pipeline (one-line error)."""
+    fam = pipeline_family(index)
+    if fam is not None and fam != family:
+        raise SenseflowError(f"{folder}/model_index.json is a {index.get('_class_name')}, not a {family.upper()} "
+                             f"pipeline: use the {fam} teacher family for this folder")
+
+
+def require_keys(config: Mapping[str, Any], keys: Iterable[str], where: str | os.PathLike) -> None:
+    """Every key must be in a ``config.json`` (otherwise the file was not saved by ``save_pretrained``)."""
+    for key in keys:
+        if key not in config:
+            raise SenseflowError(f"{where}/config.json has no {key}: re-save the model with save_pretrained")
