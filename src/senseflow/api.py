@@ -39,13 +39,13 @@ def build_trainer(config: Config, resume: str = "auto", hooks: TrainerHooks | No
     resolve_device(config.train.device)  # fail early on an impossible device request
     ctx = init_distributed(config.train.device)
     device = ctx.device
-    models = build_models(config, device)
+    models = build_models(config, device, ctx.rank)
     if config.train.precision == "bf16":
         for net in (models.generator, models.fake_score):
             net.to(torch.bfloat16)
     parallelize(models, config.parallel, config.train.precision, ctx)
     adapter = models.teacher.adapter
-    method = build_method_from(config, models)
+    method = build_method_from(config, models, ctx.world_size)
     data = build_data(config, adapter, device, ctx.rank, ctx.world_size)
     samples = build_samples(config, adapter, device)
     run_dir = prepare_run_dir(config, resume, ctx)

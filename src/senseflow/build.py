@@ -43,12 +43,17 @@ def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn
     return load_factory(config.teacher.factory)(**kwargs)
 
 
+def _loader_kwargs(config: Config, device: torch.device, **family_defaults) -> dict:
+    """Arguments every family loader takes, plus ``teacher.options`` (which win over the defaults)."""
+    return {"resolution": config.teacher.resolution, "device": device, "dtype": DTYPES[config.teacher.dtype],
+            **family_defaults, **config.teacher.options}
+
+
 @register_family("sd3")
 def _load_sd3(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
     from .teachers.sd3 import SD3Adapter
 
-    return SD3Adapter.from_pretrained(config.paths.teacher, resolution=config.teacher.resolution, device=device,
-                                      dtype=DTYPES[config.teacher.dtype], shift=config.teacher.shift)
+    return SD3Adapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device, shift=config.teacher.shift))
 
 
 @register_family("flux")
@@ -56,8 +61,7 @@ def _load_flux(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.M
     """FLUX.1: dynamic ``mu`` from the scheduler config; ``teacher.shift`` (if set) replaces it by a static shift."""
     from .teachers.flux import FluxAdapter
 
-    return FluxAdapter.from_pretrained(config.paths.teacher, resolution=config.teacher.resolution, device=device,
-                                       dtype=DTYPES[config.teacher.dtype], shift=config.teacher.shift)
+    return FluxAdapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device, shift=config.teacher.shift))
 
 
 @register_family("sdxl")
@@ -67,8 +71,7 @@ def _load_sdxl(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.M
 
     if config.teacher.shift is not None:
         raise SenseflowError("teacher.shift is a rectified-flow setting; SDXL (DDPM) has no shift: remove it")
-    return SDXLAdapter.from_pretrained(config.paths.teacher, resolution=config.teacher.resolution, device=device,
-                                       dtype=DTYPES[config.teacher.dtype])
+    return SDXLAdapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device))
 
 
 @register_family("sana")
@@ -76,8 +79,7 @@ def _load_sana(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.M
     """SANA / SANA-Sprint: flow or TrigFlow detected from the scheduler; ``teacher.shift`` overrides ``flow_shift``."""
     from .teachers.sana import SanaAdapter
 
-    return SanaAdapter.from_pretrained(config.paths.teacher, resolution=config.teacher.resolution, device=device,
-                                       dtype=DTYPES[config.teacher.dtype], shift=config.teacher.shift)
+    return SanaAdapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device, shift=config.teacher.shift))
 
 
 def load_teacher(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
@@ -86,8 +88,17 @@ def load_teacher(config: Config, device: torch.device) -> tuple[ModelAdapter, nn
         _import_family(family)
     if family not in _LOADERS:
         raise SenseflowError(f"teacher.family {family!r} is not available in this version of senseflow")
-    adapter, backbone = _LOADERS[family](config, device)
-    return adapter, backbone.to(device=device, dtype=DTYPES[config.teacher.dtype])
+    try:
+        adapter, backbone = _LOADERS[family](config, device)
+    except TypeError as exc:  # an unknown key in teacher.options
+        if "unexpected keyword argument" in str(exc):
+            raise SenseflowError(f"teacher.options: {exc}".replace("from_pretrained() ", "")) from None
+        raise
+    dtype = DTYPES[config.teacher.dtype]
+    param = next(backbone.parameters(), None)
+    if param is not None and (param.dtype != dtype or param.device != torch.device(device)):
+        backbone = backbone.to(device=device, dtype=dtype)
+    return adapter, backbone
 
 
 def _import_family(family: str) -> None:
@@ -106,13 +117,20 @@ def _import_family(family: str) -> None:
             raise
 
 
-def build_models(config: Config, device: torch.device) -> DistillationModels:
+def build_models(config: Config, device: torch.device, rank: int = 0) -> DistillationModels:
     adapter, backbone = load_teacher(config, device)
     teacher = Denoiser(freeze(backbone), adapter)
     student = adapter.make_student(backbone).requires_grad_(True).train()
     generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, config.generator.anchors))
     fake = Denoiser(adapter.make_fake_score(backbone).requires_grad_(True).train(), adapter)
-    return DistillationModels(teacher=teacher, generator=generator, fake_score=fake)
+    discriminator = None
+    if config.discriminator is not None and getattr(config.method, "adversarial_weight", 0.0) > 0 \
+            and config.method.name != "sid":
+        from .discriminators.config import build_vfm_discriminator
+        cfg = config.discriminator if config.discriminator.seed is not None else \
+            config.discriminator.model_copy(update={"seed": config.train.seed})
+        discriminator = build_vfm_discriminator(cfg, adapter, device, rank=rank)
+    return DistillationModels(teacher=teacher, generator=generator, fake_score=fake, discriminator=discriminator)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,8 +191,8 @@ def build_samples(config: Config, adapter: ModelAdapter, device: torch.device) -
     return SampleSpec(prompts, adapter.encode_prompts(prompts).to(device), noise)
 
 
-def build_method_from(config: Config, models: DistillationModels) -> Method:
-    return build_method(models, config.method)
+def build_method_from(config: Config, models: DistillationModels, world_size: int = 1) -> Method:
+    return build_method(models, config.method, images_per_iteration=config.train.batch_size * world_size)
 
 
 def run_directory(config: Config) -> Path:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .configbase import StrictModel
+from .discriminators.config import VFMDiscriminatorConfig
 from .methods import MethodConfig
 from .teachers.base import SenseflowError
 from .train.distributed import ParallelConfig
@@ -40,6 +41,9 @@ class TeacherConfig(StrictModel):
     resolution: int = Field(1024, ge=8, le=8192, description="training resolution in pixels")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="storage dtype of the frozen teacher")
     shift: float | None = Field(None, gt=0.0, description="override the scheduler's shift (rectified flow)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="family-specific loader options, e.g. FLUX {fake_guidance_embed: true, "
+                                          "default_embedded_guidance: 3.5}, SANA {prediction: trigflow}")
 
     @model_validator(mode="after")
     def _factory(self) -> "TeacherConfig":
@@ -122,6 +126,15 @@ class Config(StrictModel):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
+    discriminator: VFMDiscriminatorConfig | None = Field(
+        None, description="SenseFlow's VFM discriminator; used when method.adversarial_weight > 0")
+
+    @model_validator(mode="after")
+    def _adversarial(self) -> "Config":
+        weight = getattr(self.method, "adversarial_weight", 0.0)
+        if self.method.name != "sid" and weight > 0 and self.discriminator is None:
+            raise ValueError("method.adversarial_weight > 0 needs a `discriminator:` section (DINOv2 and CLIP paths)")
+        return self
 
     def check_paths(self) -> None:
         """Fail (one line) on inputs that do not exist, before a run directory is created."""
@@ -134,6 +147,8 @@ class Config(StrictModel):
                 raise SenseflowError(f"paths.{key}: unknown built-in {value!r} (available: builtin:toy-world)")
             if value is not None and not value.startswith(BUILTIN_PREFIX) and not Path(value).is_file():
                 raise SenseflowError(f"paths.{key}: file {value!r} not found")
+        if self.discriminator is not None and getattr(self.method, "adversarial_weight", 0.0) > 0:
+            self.discriminator.check_paths()
         out = Path(self.paths.output)
         if out.exists() and not out.is_dir():
             raise SenseflowError(f"paths.output: {str(out)!r} exists and is not a directory")

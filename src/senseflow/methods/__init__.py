@@ -16,8 +16,11 @@ MethodConfig = Annotated[Union[SenseFlowConfig, DMD2Config, SiDConfig], Field(di
 _REGISTRY: dict[str, type[Method]] = {"dmd2": DMD2, "senseflow": SenseFlow, "sid": SiD}
 
 
-def build_method(models: DistillationModels, config: SenseFlowConfig | DMD2Config | SiDConfig) -> Method:
-    """Instantiate the method named by ``config.name``."""
+def build_method(models: DistillationModels, config: SenseFlowConfig | DMD2Config | SiDConfig,
+                 images_per_iteration: int | None = None) -> Method:
+    """Instantiate the method named by ``config.name`` (SiD needs the global batch for its SiD2a schedule)."""
+    if config.name == "sid":
+        return SiD(models, config, images_per_iteration=images_per_iteration)
     return _REGISTRY[config.name](models, config)
 
 
