@@ -1,0 +1,26 @@
+"""Registers the ``toy`` teacher family: ``paths.teacher: builtin:toy`` (the shipped teacher) or a toy folder."""
+
+from __future__ import annotations
+
+import torch
+
+from ..build import DTYPES, register_family
+from ..config import BUILTIN_PREFIX, Config
+from ..teachers.base import SenseflowError
+from .teacher import RESOLUTION, TEACHER_ASSET, load_toy_teacher
+
+
+@register_family("toy")
+def load(config: Config, device: torch.device):
+    path = config.paths.teacher
+    if path.startswith(BUILTIN_PREFIX):
+        if path != "builtin:toy":
+            raise SenseflowError(f"paths.teacher {path!r}: the only built-in teacher is 'builtin:toy'")
+        path = TEACHER_ASSET
+        if not (TEACHER_ASSET / "transformer").is_dir():
+            raise SenseflowError("the shipped toy teacher is missing from this installation; reinstall senseflow "
+                                 "or train one with `senseflow toy train-teacher --out DIR`")
+    if config.teacher.resolution != RESOLUTION:
+        raise SenseflowError(f"teacher.resolution: the toy teacher works at {RESOLUTION} px, got "
+                             f"{config.teacher.resolution}")
+    return load_toy_teacher(path, device=device)

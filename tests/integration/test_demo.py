@@ -1,0 +1,34 @@
+"""`senseflow demo` on a tiny budget writes metrics.json (documented schema), grid.png and curves.png."""
+
+import json
+
+import pytest
+
+from senseflow.toy.demo import run_demo
+from senseflow.toy.teacher import create_teacher_folder
+
+
+@pytest.fixture(scope="module")
+def untrained_teacher(tmp_path_factory):
+    return create_teacher_folder(tmp_path_factory.mktemp("toy_teacher"), seed=0)
+
+
+@pytest.mark.parametrize("method", ["senseflow", "sid"])
+def test_demo_writes_metrics_grid_and_curves(untrained_teacher, tmp_path, method):
+    out = tmp_path / "demo"
+    results = run_demo(out, method=method, steps=4, iterations=2, eval_prompts=4, per_prompt=2, eval_every=1,
+                       overrides=[f"paths.teacher={untrained_teacher}", "train.batch_size=4", "train.log_every=1"],
+                       progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(results))
+    for key in ("teacher", "teacher_4step"):
+        assert {"steps", "nfe", "attr_acc", "fd_real", "seconds_per_image"} <= metrics[key].keys()
+    assert metrics["teacher"]["steps"] == 32 and metrics["teacher_4step"]["steps"] == 4
+    student = metrics["student"]
+    assert {"method", "steps", "nfe", "attr_acc", "fd_real", "fd_teacher", "seconds_per_image"} <= student.keys()
+    assert student["method"] == method and student["nfe"] == 4
+    assert metrics["iterations"] == 2 and metrics["train_seconds"] > 0
+    assert 0.0 <= student["attr_acc"] <= 1.0 and student["fd_real"] >= 0
+    assert [c["iteration"] for c in metrics["curve"]] == [0, 1, 2]
+    for png in ("grid.png", "curves.png"):
+        assert (out / png).stat().st_size > 1000
