@@ -45,6 +45,8 @@ def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn
 
 def _loader_kwargs(config: Config, device: torch.device, **family_defaults) -> dict:
     """Arguments every family loader takes, plus ``teacher.options`` (which win over the defaults)."""
+    if config.paths.cache is not None:  # conditioning comes from the cache: no text encoders in the training loop
+        family_defaults["load_text_encoders"] = False
     return {"resolution": config.teacher.resolution, "device": device, "dtype": DTYPES[config.teacher.dtype],
             **family_defaults, **config.teacher.options}
 
@@ -171,7 +173,13 @@ def training_prompts(config: Config) -> list[str]:
 
 
 def build_data(config: Config, adapter: ModelAdapter, device: torch.device, rank: int = 0, world_size: int = 1):
-    """Prompt files give prompt-only (data-free) batches; ``builtin:toy-world`` gives prompts + real images."""
+    """Prompt files give prompt-only (data-free) batches; ``builtin:toy-world`` gives prompts + real images;
+    ``paths.cache`` / ``paths.image_text`` / ``paths.lmdb`` are served by :mod:`senseflow.data.sources`."""
+    from .data.sources import data_source
+
+    source = data_source(config, adapter, device, rank, world_size)
+    if source is not None:
+        return source
     if config.paths.prompts == TOY_WORLD:
         from .toy.data import ToyWorldBatches
         return ToyWorldBatches(adapter, config.train.batch_size, config.train.seed, device, rank, world_size)
@@ -181,6 +189,11 @@ def build_data(config: Config, adapter: ModelAdapter, device: torch.device, rank
 
 
 def build_samples(config: Config, adapter: ModelAdapter, device: torch.device) -> SampleSpec:
+    from .data.sources import sample_spec
+
+    spec = sample_spec(config, adapter, device)  # from the cache (no text encoders) / image-text / LMDB data
+    if spec is not None:
+        return spec
     if config.paths.eval_prompts and config.paths.eval_prompts != TOY_WORLD:
         prompts = load_prompts(config.paths.eval_prompts)
     else:

@@ -32,7 +32,19 @@ class PathsConfig(StrictModel):
     prompts: str | None = Field(None, description="training prompts: .txt (one per line), .json or .csv; "
                                 "builtin:toy-world = procedural prompts with real images")
     eval_prompts: str | None = Field(None, description="prompts for sample grids (default: the first training prompts)")
+    image_text: str | None = Field(None, description="SenseFlow image-text JSON {keys, image_paths, prompts}: real "
+                                   "images, resized + centre-cropped to teacher.resolution (docs/data.md)")
+    lmdb: str | None = Field(None, description="DMD2-style LMDB of VAE latents + prompts (docs/data.md)")
+    cache: str | None = Field(None, description="prompt/latent cache built by `senseflow cache`; training then loads "
+                              "the teacher without its text encoders (docs/data.md)")
     output: str = Field("runs/senseflow", description="run directory: config, logs, samples, checkpoints, student")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PathsConfig":
+        given = [f"paths.{k}" for k in ("prompts", "image_text", "lmdb") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are both set: give one data source")
+        return self
 
 
 class TeacherConfig(StrictModel):
@@ -147,6 +159,10 @@ class Config(StrictModel):
                 raise SenseflowError(f"paths.{key}: unknown built-in {value!r} (available: builtin:toy-world)")
             if value is not None and not value.startswith(BUILTIN_PREFIX) and not Path(value).is_file():
                 raise SenseflowError(f"paths.{key}: file {value!r} not found")
+        if self.paths.image_text is not None and not Path(self.paths.image_text).is_file():
+            raise SenseflowError(f"paths.image_text: file {self.paths.image_text!r} not found")
+        if self.paths.lmdb is not None and not Path(self.paths.lmdb).is_dir():
+            raise SenseflowError(f"paths.lmdb: directory {self.paths.lmdb!r} not found")
         if self.discriminator is not None and getattr(self.method, "adversarial_weight", 0.0) > 0:
             self.discriminator.check_paths()
         out = Path(self.paths.output)

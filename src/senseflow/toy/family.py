@@ -23,4 +23,4 @@ def load(config: Config, device: torch.device):
     if config.teacher.resolution != RESOLUTION:
         raise SenseflowError(f"teacher.resolution: the toy teacher works at {RESOLUTION} px, got "
                              f"{config.teacher.resolution}")
-    return load_toy_teacher(path, device=device)
+    return load_toy_teacher(path, device=device, load_text_encoders=config.paths.cache is None)
