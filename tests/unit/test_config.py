@@ -113,3 +113,11 @@ def test_config_reference_is_up_to_date():
     from senseflow.config_docs import render
     assert (ROOT / "docs/config.md").read_text() == render(), \
         "docs/config.md is stale: run `python -m senseflow.config_docs > docs/config.md`"
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/*/*.yaml")))
+def test_shipped_recipes_validate(recipe):
+    """Every recipe in configs/ matches the schema (paths are checked at launch time, not here)."""
+    config = load_config(ROOT / recipe, check_paths=False)
+    if getattr(config.method, "adversarial_weight", 0) > 0 and config.method.name != "sid":
+        assert config.discriminator is not None
