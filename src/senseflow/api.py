@@ -70,6 +70,8 @@ def train(config: Config, resume: str = "auto", hooks: TrainerHooks | None = Non
     trainer.fit()
     meta = {"family": config.teacher.family, "teacher": config.paths.teacher, "resolution": config.teacher.resolution,
             "sampler": config.generator.sampler, "method": config.method.name, "step": trainer.step}
+    if config.generator.lora is not None:  # load_student rebuilds the adapters from this
+        meta["lora"] = config.generator.lora.model_dump()
     if trainer.ctx.distributed:  # gather the sharded student from the final checkpoint
         from .train.checkpoint import latest_checkpoint as latest
         from .train.sharded import consolidate_network

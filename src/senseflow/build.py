@@ -122,9 +122,12 @@ def _import_family(family: str) -> None:
 def build_models(config: Config, device: torch.device, rank: int = 0) -> DistillationModels:
     adapter, backbone = load_teacher(config, device)
     teacher = Denoiser(freeze(backbone), adapter)
-    student = adapter.make_student(backbone).requires_grad_(True).train()
+    from .lora import maybe_apply_lora
+
+    student = maybe_apply_lora(adapter.make_student(backbone).requires_grad_(True).train(), config.generator.lora)
     generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, config.generator.anchors))
-    fake = Denoiser(adapter.make_fake_score(backbone).requires_grad_(True).train(), adapter)
+    fake = Denoiser(maybe_apply_lora(adapter.make_fake_score(backbone).requires_grad_(True).train(),
+                                     config.fake_score.lora), adapter)
     discriminator = None
     if config.discriminator is not None and getattr(config.method, "adversarial_weight", 0.0) > 0 \
             and config.method.name != "sid":

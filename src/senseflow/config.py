@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .configbase import StrictModel
 from .discriminators.config import VFMDiscriminatorConfig
+from .lora import LoRAConfig
 from .methods import MethodConfig
 from .teachers.base import SenseflowError
 from .train.distributed import ParallelConfig
@@ -71,6 +72,8 @@ class GeneratorConfig(StrictModel):
                                  description="unit (unshifted, index/1000) anchor times, strictly decreasing in (0, 1]")
     sampler: Literal["stochastic", "euler"] = Field(
         "stochastic", description="stochastic: fresh noise at every anchor (SenseFlow tables); euler: deterministic")
+    lora: LoRAConfig | None = Field(None, description="train LoRA adapters on a frozen copy of the teacher instead "
+                                                      "of the whole backbone: {rank, alpha, target_modules}")
 
     @field_validator("anchors")
     @classmethod
@@ -82,6 +85,10 @@ class GeneratorConfig(StrictModel):
         if any(b >= a for a, b in zip(v, v[1:])):
             raise ValueError(f"anchors must be strictly decreasing, got {v}")
         return v
+
+
+class FakeScoreConfig(StrictModel):
+    lora: LoRAConfig | None = Field(None, description="LoRA for the fake score (with IDA: the same as generator.lora)")
 
 
 class OptimizerConfig(StrictModel):
@@ -134,6 +141,7 @@ class Config(StrictModel):
     paths: PathsConfig
     teacher: TeacherConfig
     generator: GeneratorConfig = GeneratorConfig()
+    fake_score: FakeScoreConfig = FakeScoreConfig()
     method: MethodConfig = Field(discriminator="name")
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -146,6 +154,10 @@ class Config(StrictModel):
         weight = getattr(self.method, "adversarial_weight", 0.0)
         if self.method.name != "sid" and weight > 0 and self.discriminator is None:
             raise ValueError("method.adversarial_weight > 0 needs a `discriminator:` section (DINOv2 and CLIP paths)")
+        if getattr(self.method, "ida", False) and self.method.name == "senseflow" \
+                and self.generator.lora != self.fake_score.lora:
+            raise ValueError("method.ida aligns fake score and generator parameters by name: give fake_score.lora "
+                             "the same setting as generator.lora (or set method.ida: false)")
         return self
 
     def check_paths(self) -> None:

@@ -185,3 +185,23 @@ def test_checkpoint_loading_refuses_pickled_code(tmp_path):
     from senseflow.train.checkpoint import load_checkpoint
     with pytest.raises(SenseflowError, match="safely"):
         load_checkpoint(path, {"generator": net})
+
+
+def test_lora_students_from_config_train_only_adapters(tmp_path):
+    trainer = api.build_trainer(_config(tmp_path, "train.steps=2", *METHODS["senseflow"],
+                                        "generator.lora={rank: 4, target_modules: all-linear}",
+                                        "fake_score.lora={rank: 4, target_modules: all-linear}"))
+    for name in ("generator", "fake_score"):
+        params = [n for n, p in trainer.networks[name].named_parameters() if p in set(trainer.params[name])]
+        assert params and all("lora_" in n for n in params), params
+    before = _snapshot(trainer.method.models.generator)
+    trainer.fit()
+    after = trainer.method.models.generator.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("lora_" in k for k in changed), changed
+
+
+def test_ida_with_mismatched_lora_is_a_config_error(tmp_path):
+    from senseflow.teachers.base import SenseflowError
+    with pytest.raises(SenseflowError, match="fake_score.lora"):
+        _config(tmp_path, *METHODS["senseflow"], "generator.lora={rank: 4}")

@@ -1,0 +1,259 @@
+"""``senseflow generate``: images from a trained student, reproducible per image and by stock diffusers.
+
+Seeds.  Image ``i`` of a run with ``--seed S`` gets its own seed ``image_seed(S, i)`` (a 32-bit
+number derived from ``(S, i)``), so any subset of the prompts (``--start-idx``/``--num-prompts``,
+any ``--batch-size``) reproduces the same images.  Each image is ONE random stream seeded with its
+seed: the initial latents first, then (stochastic sampler) every re-noise draw, in order --
+drawn exactly as the stock diffusers pipeline draws them, so that the folder written by
+``senseflow export`` reproduces the image with a plain pipeline call:
+
+* SD3 and FLUX pipelines draw the initial latents from ``generator`` but the scheduler's re-noise
+  from the GLOBAL torch RNG (they do not hand their generator to ``scheduler.step``).  The stream
+  is therefore the global RNG of the execution device: ``torch.manual_seed(seed)`` and no
+  ``generator`` argument.  FLUX draws its initial latents unpacked ``[1, C, H, W]`` and its re-noise
+  in the packed token layout ``[1, HW/4, 4C]`` (float32, as ``FlowMatchEulerDiscreteScheduler``
+  upcasts the sample);
+* SDXL (``LCMScheduler``) and SANA (``FlowMatchEulerDiscreteScheduler``) pipelines pass their
+  ``generator`` to ``scheduler.step``: the stream is ``generator=torch.Generator("cpu").manual_seed(seed)``
+  (batched calls with a list of generators reproduce too);
+* other families (toy, custom): a CPU generator, latent-shaped draws.
+
+Every image gets ``NNNNN.png`` and ``NNNNN.json`` (index, prompt, seed, steps, sampler, anchors,
+...).  Images whose JSON already records the same settings (and whose PNG exists) are skipped, so
+an interrupted run continues where it stopped.  Bad input fails with one line before anything is
+written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .rng import derive_seed
+from .teachers.base import SenseflowError
+
+SAMPLERS = ("stochastic", "euler")
+
+
+# -------------------------------------------------------------------------------------------------
+# noise: exactly as the stock pipelines draw it
+# -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NoiseRecipe:
+    """How the family's stock pipeline draws noise (see module docstring)."""
+
+    stream: str            # "global": the device's global RNG; "generator": the pipeline's CPU generator
+    packed: bool = False   # re-noise drawn in FLUX's packed token layout
+    renoise_float32: bool = True   # FlowMatch upcasts the sample (float32 draws); LCM draws in the model dtype
+
+
+RECIPES: dict[str, NoiseRecipe] = {
+    "sd3": NoiseRecipe("global"),
+    "flux": NoiseRecipe("global", packed=True),
+    "sdxl": NoiseRecipe("generator", renoise_float32=False),
+    "sana": NoiseRecipe("generator"),
+}
+DEFAULT_RECIPE = NoiseRecipe("generator")
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """The seed of prompt ``index`` in a run with ``--seed base_seed`` (32 bits: fits every RNG API)."""
+    return derive_seed(int(base_seed), "image", int(index)) % (2 ** 32)
+
+
+class ImageNoise:
+    """One image's random stream (initial latents, then re-noise draws), as the family's pipeline draws it."""
+
+    def __init__(self, family: str, seed: int, latent_shape: Sequence[int], device: torch.device,
+                 model_dtype: torch.dtype = torch.float32) -> None:
+        self.recipe = RECIPES.get(family, DEFAULT_RECIPE)
+        self.shape = tuple(int(s) for s in latent_shape)
+        self.device = torch.device(device)
+        self.model_dtype = model_dtype
+        stream_device = self.device if self.recipe.stream == "global" else torch.device("cpu")
+        self.generator = torch.Generator(device=stream_device).manual_seed(int(seed))
+
+    def _draw(self, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+        g = self.generator
+        return torch.randn(tuple(shape), generator=g, device=g.device, dtype=dtype).to(self.device)
+
+    def initial(self) -> Tensor:
+        """The starting latents ``[1, *latent_shape]`` (``randn_tensor`` in the pipeline's ``prepare_latents``)."""
+        return self._draw((1, *self.shape), self.model_dtype)
+
+    def renoise(self) -> Tensor:
+        """The fresh noise of one stochastic step, ``[1, *latent_shape]``."""
+        dtype = torch.float32 if self.recipe.renoise_float32 else self.model_dtype
+        if self.recipe.packed:
+            from .teachers.flux import unpack_latents
+            c, h, w = self.shape
+            return unpack_latents(self._draw((1, (h // 2) * (w // 2), 4 * c), dtype), h, w)
+        return self._draw((1, *self.shape), dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# sampling
+# -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_latents(student, cond, seeds: Sequence[int], steps: int | None = None,
+                   sampler: str | None = None) -> Tensor:
+    """Run the student's K-step sampler for one batch; image ``b`` uses only ``seeds[b]``'s stream.
+
+    Same math as :meth:`FewStepGenerator.sample` (``x0`` at each anchor; stochastic: re-noise
+    ``x = alpha(t') x0 + sigma(t') eps'``; euler: the deterministic step), with per-image noise.
+    """
+    gen = student.generator
+    steps = gen.num_steps if steps is None else int(steps)
+    sampler = sampler or student.spec.sampler
+    if not 1 <= steps <= gen.num_steps:
+        raise SenseflowError(f"--steps must be in 1..{gen.num_steps} (the student's anchors), got {steps}")
+    if sampler not in SAMPLERS:
+        raise SenseflowError(f"--sampler must be 'stochastic' or 'euler', got {sampler!r}")
+    device = student.device
+    from .teachers.loading import module_dtype
+    dtype = module_dtype(student.backbone)
+    shape = student.adapter.latent_shape()
+    streams = [ImageNoise(student.family, s, shape, device, dtype) for s in seeds]
+    x = torch.cat([s.initial() for s in streams]).float()
+    n = x.shape[0]
+    x0 = x
+    for i in range(steps):
+        t = gen.time(i, n, device)
+        x0 = gen(x, t, cond)
+        if i + 1 < steps:
+            t_next = gen.time(i + 1, n, device)
+            if sampler == "euler":
+                x = gen.step(x, x0, t, t_next)
+            else:
+                eps = torch.cat([s.renoise() for s in streams]).to(x0.dtype)
+                x = gen.schedule.add_noise(x0, eps, t_next)
+    return x0
+
+
+@torch.no_grad()
+def render(student, prompts: Sequence[str], seeds: Sequence[int], steps: int | None = None,
+           sampler: str | None = None) -> Tensor:
+    """Prompts + per-image seeds -> images in ``[-1, 1]``, ``[B, 3, H, W]`` (float32, on CPU)."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    cond = student.adapter.encode_prompts(list(prompts)).to(student.device)
+    x0 = sample_latents(student, cond, seeds, steps, sampler)
+    images = student.adapter.decode(x0)
+    return images.float().cpu()
+
+
+# -------------------------------------------------------------------------------------------------
+# the command
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class GenerateResult:
+    out: Path
+    written: list[Path]
+    skipped: int
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SenseflowError("--device cuda but no CUDA device is available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def _record(spec, index: int, prompt: str, base_seed: int, steps: int, sampler: str) -> dict[str, Any]:
+    seed = image_seed(base_seed, index)
+    recipe = RECIPES.get(spec.family, DEFAULT_RECIPE)
+    return {"index": index, "prompt": prompt, "seed": seed, "base_seed": int(base_seed), "steps": steps,
+            "sampler": sampler, "anchors": spec.anchors[:steps], "family": spec.family,
+            "resolution": spec.resolution, "noise": "torch.manual_seed(seed)" if recipe.stream == "global"
+            else "generator=torch.Generator('cpu').manual_seed(seed)",
+            "student": str(spec.folder.resolve())}
+
+
+def _done(out: Path, stem: str, record: dict[str, Any]) -> bool:
+    png, meta = out / f"{stem}.png", out / f"{stem}.json"
+    if not (png.is_file() and meta.is_file()):
+        return False
+    try:
+        return json.loads(meta.read_text()) == record
+    except (OSError, ValueError):
+        return False
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def generate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | os.PathLike, *,
+             teacher: str | os.PathLike | None = None, start_idx: int = 0, num_prompts: int | None = None,
+             batch_size: int = 4, steps: int | None = None, sampler: str | None = None, seed: int = 0,
+             device: str = "auto", dtype: str | None = None, progress: bool = True,
+             loaded=None) -> GenerateResult:
+    """Write ``NNNNN.png`` + ``NNNNN.json`` for prompts ``start_idx .. start_idx + num_prompts - 1``.
+
+    ``loaded`` (a :class:`~senseflow.student.LoadedStudent`) skips loading the student again.
+    """
+    from .data.prompts import load_prompts
+    from .images import save_png, to_uint8
+    from .student import load_student, read_student, teacher_config
+
+    # -- every check first: nothing is written (or loaded) for bad input ---------------------------
+    spec = loaded.spec if loaded is not None else read_student(student)
+    all_prompts = load_prompts(prompts)
+    if not 0 <= start_idx < len(all_prompts):
+        raise SenseflowError(f"--start-idx {start_idx} is out of range: {prompts} has {len(all_prompts)} prompts "
+                             f"(valid: 0..{len(all_prompts) - 1})")
+    if num_prompts is not None and num_prompts < 1:
+        raise SenseflowError(f"--num-prompts must be >= 1, got {num_prompts}")
+    if batch_size < 1:
+        raise SenseflowError(f"--batch-size must be >= 1, got {batch_size}")
+    k = len(spec.anchors)
+    steps = k if steps is None else int(steps)
+    if not 1 <= steps <= k:
+        raise SenseflowError(f"--steps must be in 1..{k} (the student has {k} anchors), got {steps}")
+    sampler = sampler or spec.sampler
+    if sampler not in SAMPLERS:
+        raise SenseflowError(f"--sampler must be 'stochastic' or 'euler', got {sampler!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SenseflowError(f"--out {str(out)!r} exists and is not a directory")
+    end = len(all_prompts) if num_prompts is None else min(len(all_prompts), start_idx + num_prompts)
+    indices = list(range(start_idx, end))
+    records = {i: _record(spec, i, all_prompts[i], seed, steps, sampler) for i in indices}
+    todo = [i for i in indices if not _done(out, f"{i:05d}", records[i])]
+    skipped = len(indices) - len(todo)
+    if loaded is None and todo:
+        teacher_config(spec, teacher)     # the teacher folder exists (one-line error otherwise)
+        loaded = load_student(spec.folder, teacher=teacher, device=_resolve_device(device), dtype=dtype)
+
+    # -- generate -----------------------------------------------------------------------------------
+    written: list[Path] = []
+    if not todo:
+        return GenerateResult(out, written, skipped)
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for b in range(0, len(todo), batch_size):
+            chunk = todo[b:b + batch_size]
+            images = render(loaded, [all_prompts[i] for i in chunk], [records[i]["seed"] for i in chunk],
+                            steps, sampler)
+            arrays = to_uint8(images)
+            for i, arr in zip(chunk, arrays):
+                png = out / f"{i:05d}.png"
+                save_png(arr, png)
+                _write_json(out / f"{i:05d}.json", records[i])
+                written.append(png)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return GenerateResult(out, written, skipped)
