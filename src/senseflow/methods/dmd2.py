@@ -165,10 +165,14 @@ def ida_update(fake: nn.Module, generator: nn.Module, lam: float) -> int:
 
     Runs on whatever tensors the parameters hold (the fp32 master weights under AMP; the local
     shards under FSDP2, where both networks share one sharding plan).  Parameters the generator
-    lacks (FLUX's guidance embedder, removed from the student) are left as they are.  Returns the
-    number of parameters updated.
+    lacks (FLUX's guidance embedder, removed from the student) are left as they are.  fp32
+    parameters are updated with fused ``_foreach`` kernels (``phi * lam + (1 - lam) * theta``,
+    the same arithmetic as the per-tensor form); low-precision storage is interpolated in fp32
+    and rounded once.  Returns the number of parameters updated.
     """
     gen_params = dict(generator.named_parameters())
+    fused_p: list[torch.Tensor] = []
+    fused_q: list[torch.Tensor] = []
     updated = 0
     with torch.no_grad():
         for name, p in fake.named_parameters():
@@ -178,9 +182,13 @@ def ida_update(fake: nn.Module, generator: nn.Module, lam: float) -> int:
             if q.shape != p.shape:
                 raise ValueError(f"IDA: parameter {name!r} has shape {tuple(p.shape)} in the fake score "
                                  f"but {tuple(q.shape)} in the generator")
-            if p.dtype == torch.float32:
-                p.mul_(lam).add_((1.0 - lam) * q.to(p.dtype))
-            else:  # low-precision storage: interpolate in fp32, round once
+            if p.dtype == torch.float32 and q.dtype == torch.float32:
+                fused_p.append(p)
+                fused_q.append(q)
+            else:
                 p.copy_(p.float() * lam + (1.0 - lam) * q.float())
             updated += 1
+        if fused_p:
+            torch._foreach_mul_(fused_p, lam)
+            torch._foreach_add_(fused_p, torch._foreach_mul(fused_q, 1.0 - lam))
     return updated

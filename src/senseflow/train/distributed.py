@@ -42,6 +42,8 @@ class ParallelConfig(StrictModel):
     reshard_after_forward: bool = Field(True, description="free gathered weights after forward (less memory, "
                                                           "one more all-gather in backward)")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
+    checkpoint_teacher: bool = Field(False, description="also recompute the frozen teacher's blocks: SiD "
+                                                        "backpropagates through the teacher (no effect for DMD2)")
     cpu_offload: bool = Field(False, description="keep sharded parameters and optimiser state in CPU memory "
                                                  "(much slower; for teachers that do not fit otherwise)")
 
@@ -167,6 +169,8 @@ def parallelize(models, config: ParallelConfig, precision: str, ctx: DistContext
     if config.activation_checkpointing:
         for backbone in trainables:
             checkpoint_blocks(backbone, adapter.block_names(backbone))
+    if config.checkpoint_teacher:
+        checkpoint_blocks(models.teacher.backbone, adapter.block_names(models.teacher.backbone))
     if strategy == "none":
         return strategy
     from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -100,24 +100,25 @@ class Trainer:
         self.set_phase(phase)
         opt = self.optimizers[phase]
         opt.zero_grad(set_to_none=True)
-        logs: dict[str, Any] = {}
+        logs: dict[str, Any] = {}  # detached tensors: converted to floats only at log time (no device syncs)
         accum = self.cfg.grad_accum
         for micro in batch.split(accum):
             with self._autocast():
                 out = self.method.loss(phase, micro, self.rng)
             (out.loss / accum).backward()
             for k, v in out.logs.items():
-                logs[k] = logs.get(k, 0.0) + as_float(v) / accum
+                v = v.detach().float().mean() if isinstance(v, torch.Tensor) else float(v)
+                logs[k] = logs.get(k, 0.0) + v / accum
         params = self.params[phase]
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
         norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))
-        logs[f"grad_norm/{phase}"] = float(norm)
+        logs[f"grad_norm/{phase}"] = norm.detach()
         if torch.isfinite(norm):
             opt.step()
             logs.update(self.method.after_step(phase))
         else:  # never let one bad batch destroy the weights
-            opt.zero_grad(set_to_none=True)
             logs[f"skipped/{phase}"] = 1.0
+        opt.zero_grad(set_to_none=True)  # free this network's gradients before the next phase
         self.set_phase(None)
         return logs
 
@@ -200,11 +201,11 @@ class Trainer:
                 self.step += 1
                 count += 1
                 for k, v in logs.items():
-                    window[k] = window.get(k, 0.0) + float(v)
+                    window[k] = window.get(k, 0.0) + v
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - t0
-                    means = {k: v / count for k, v in window.items()}
+                    means = {k: as_float(v) / count for k, v in window.items()}
                     means = self.ctx.mean(means)
                     means["it_per_s"] = count / max(elapsed, 1e-9)
                     self.last_logs = self.logger.scalars(self.step, means) if main else means
