@@ -13,7 +13,7 @@ from .export import export_meta, export_student
 from .rng import RandomStreams
 from .teachers.base import SenseflowError
 from .train.checkpoint import latest_checkpoint
-from .train.distributed import DistContext, init_distributed, parallelize
+from .train.distributed import DistContext, builds_on_meta, init_distributed, parallelize
 from .train.trainer import Trainer, TrainerHooks
 
 ResumeMode = Literal["auto", "never"]
@@ -39,7 +39,7 @@ def build_trainer(config: Config, resume: str = "auto", hooks: TrainerHooks | No
     resolve_device(config.train.device)  # fail early on an impossible device request
     ctx = init_distributed(config.train.device)
     device = ctx.device
-    models = build_models(config, device, ctx.rank)
+    models = build_models(config, device, ctx.rank, meta=builds_on_meta(config.parallel, ctx))
     if config.train.precision == "bf16":
         for net in (models.generator, models.fake_score):
             net.to(torch.bfloat16)

@@ -84,7 +84,22 @@ def _load_sana(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.M
     return SanaAdapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device, shift=config.teacher.shift))
 
 
-def load_teacher(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+def load_teacher(config: Config, device: torch.device, meta: bool = False) -> tuple[ModelAdapter, nn.Module]:
+    """The teacher's adapter and backbone on ``device``.
+
+    ``meta``: the backbone is wanted WITHOUT weights (a non-zero rank under
+    ``parallel.broadcast_from_rank0``; rank 0 sends the weights after sharding).  A ``custom``
+    factory is called with ``device="meta"`` (a factory that builds ``Module().to(device)`` then
+    allocates no weights); the diffusers families load as usual and the backbone is moved to
+    ``meta`` at once, which frees it before the student and fake-score copies are made (peak: one
+    copy per rank instead of three).  The adapter (text encoders, VAE) stays on ``device``.
+    """
+    if meta:
+        if config.teacher.family == "custom":
+            adapter, backbone = load_teacher(config, torch.device("meta"))
+        else:
+            adapter, backbone = load_teacher(config, device)
+        return adapter, backbone.to("meta")
     family = config.teacher.family
     if family not in _LOADERS:
         _import_family(family)
@@ -119,8 +134,10 @@ def _import_family(family: str) -> None:
             raise
 
 
-def build_models(config: Config, device: torch.device, rank: int = 0) -> DistillationModels:
-    adapter, backbone = load_teacher(config, device)
+def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool = False) -> DistillationModels:
+    """``meta``: teacher, student and fake score without weights (see :func:`load_teacher`); they are
+    filled from rank 0 by :func:`senseflow.train.distributed.parallelize` (``broadcast_from_rank0``)."""
+    adapter, backbone = load_teacher(config, device, meta=meta)
     teacher = Denoiser(freeze(backbone), adapter)
     from .lora import maybe_apply_lora
 

@@ -61,6 +61,27 @@ def test_sharded_training_matches_single_process(equivalence_run, tmp_path, meth
     assert moved > 1e-4, "training must have moved the generator for the comparison to mean anything"
 
 
+def test_broadcast_from_rank0_fills_meta_ranks_with_rank0_weights(equivalence_run):
+    """parallel.broadcast_from_rank0: rank 1 built on meta; gathered shards == rank 0's loaded weights exactly."""
+    saved = load_file(str(equivalence_run / "bcast-init.safetensors"))
+    ref = {k[4:]: v for k, v in saved.items() if k.startswith("ref.")}
+    got = {k[4:]: v for k, v in saved.items() if k.startswith("got.")}
+    assert ref.keys() == got.keys() and {k.split(".")[0] for k in ref} == {"generator", "fake_score", "teacher"}
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_broadcast_from_rank0_training_matches(equivalence_run, tmp_path):
+    """Same-streams training after a rank-0 broadcast == the plain sharded run == one process (1e-5)."""
+    got = load_file(str(equivalence_run / "senseflow-fsdp-rank0.safetensors"))
+    plain = load_file(str(equivalence_run / "senseflow-fsdp.safetensors"))
+    ref, init = single_process_reference(tmp_path, "senseflow")
+    assert got.keys() == plain.keys() == ref.keys()
+    assert max((got[k] - plain[k]).abs().max().item() for k in plain) < 1e-5
+    assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
+    assert max((got[k] - init[k]).abs().max().item() for k in init) > 1e-4
+
+
 def test_per_rank_noise_differs_and_shared_draws_agree(equivalence_run):
     r0, r1 = json.loads((equivalence_run / "draws.json").read_text())
     assert r0["k"] == r1["k"] and r0["guidance"] == r1["guidance"]

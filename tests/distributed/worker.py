@@ -40,11 +40,14 @@ def full_state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def same_streams_training(out: Path, method: str, strategy: str, steps: int, ctx) -> None:
-    """Every rank sees the SAME batch and noise: sharded training must equal one process exactly."""
-    cfg = config(out / f"{method}-{strategy}", f"train.steps={steps}", *METHODS[method])
-    models = build_models(cfg, ctx.device)
-    parallelize(models, ParallelConfig(strategy=strategy), "fp32", ctx)
+def same_streams_training(out: Path, method: str, strategy: str, steps: int, ctx, from_rank0: bool = False) -> None:
+    """Every rank sees the SAME batch and noise: sharded training must equal one process exactly.
+
+    ``from_rank0``: rank 1 builds its networks on the meta device; rank 0 broadcasts the weights."""
+    tag = f"{method}-{strategy}" + ("-rank0" if from_rank0 else "")
+    cfg = config(out / tag, f"train.steps={steps}", *METHODS[method])
+    models = build_models(cfg, ctx.device, meta=from_rank0 and not ctx.is_main)
+    parallelize(models, ParallelConfig(strategy=strategy, broadcast_from_rank0=from_rank0), "fp32", ctx)
     trainer = Trainer(build_method(models, cfg.method), build_data(cfg, models.teacher.adapter, ctx.device, 0, 1),
                       cfg.train, {"generator": cfg.optim.generator, "fake_score": cfg.optim.fake_score},
                       out / "unused", RandomStreams(cfg.train.seed, rank=0), ctx.device, ctx=ctx)
@@ -57,7 +60,29 @@ def same_streams_training(out: Path, method: str, strategy: str, steps: int, ctx
     states = {f"generator.{k}": v for k, v in full_state(models.generator).items()}
     states.update({f"fake_score.{k}": v for k, v in full_state(models.fake_score).items()})
     if ctx.is_main:
-        save_file(states, str(out / f"{method}-{strategy}.safetensors"))
+        save_file(states, str(out / f"{tag}.safetensors"))
+
+
+def broadcast_init(out: Path, ctx) -> None:
+    """broadcast_from_rank0: rank 1 holds only meta tensors; after sharding + broadcast, the gathered
+    generator / fake score / teacher equal what rank 0 loaded, bit for bit."""
+    cfg = config(out / "bcast-init", "train.steps=1", *METHODS["senseflow"])
+    loaded = build_models(cfg, ctx.device) if ctx.is_main else None
+    models = build_models(cfg, ctx.device, meta=not ctx.is_main)
+    nets = {"generator": lambda m: m.generator.denoiser.backbone, "fake_score": lambda m: m.fake_score.backbone,
+            "teacher": lambda m: m.teacher.backbone}
+    on_meta = all(p.is_meta for get in nets.values() for p in get(models).parameters())
+    assert on_meta == (not ctx.is_main), "rank 1 must build on meta, rank 0 must load"
+    reference = {f"{n}.{k}": v.detach().clone() for n, get in nets.items()
+                 for k, v in get(loaded).state_dict().items()} if ctx.is_main else {}
+    parallelize(models, ParallelConfig(strategy="fsdp", broadcast_from_rank0=True), "fp32", ctx)
+    got = {f"{n}.{k}": v for n, get in nets.items() for k, v in full_state(get(models)).items()}
+    # each rank's own shards must be real (not meta) and finite
+    assert all(not p.is_meta and bool(torch.isfinite(p.to_local()).all())
+               for get in nets.values() for p in get(models).parameters())
+    if ctx.is_main:
+        save_file({**{f"ref.{k}": v.contiguous() for k, v in reference.items()},
+                   **{f"got.{k}": v for k, v in got.items()}}, str(out / "bcast-init.safetensors"))
 
 
 def draws(out: Path, ctx) -> None:
@@ -87,6 +112,8 @@ def main() -> None:
         for method in ("dmd2", "senseflow", "sid"):
             same_streams_training(out, method, "fsdp", 4, ctx)
         same_streams_training(out, "senseflow", "ddp", 4, ctx)
+        same_streams_training(out, "senseflow", "fsdp", 4, ctx, from_rank0=True)
+        broadcast_init(out, ctx)
         draws(out, ctx)
     elif scenario == "train":  # full API path: per-rank data and noise, sharded checkpoints
         steps = sys.argv[3]

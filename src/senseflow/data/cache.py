@@ -389,7 +389,10 @@ def build_cache(config, out: str | Path, *, batch_size: int = 16, shard_size: in
                       {"format": FORMAT, "prompts": json.dumps(prompts_all), "start": str(start)})
 
             with torch.no_grad():
-                uncond = _cond_tensors(adapter.unconditional(1), store_dtype)
+                try:
+                    uncond = _cond_tensors(adapter.unconditional(1), store_dtype)
+                except SenseflowError:  # guidance-distilled (FLUX): no unconditional branch to cache
+                    uncond = {}
             _save(uncond, partial / UNCOND_FILE, {"format": FORMAT})
             eval_entry = None
             if eval_prompts:

@@ -46,6 +46,10 @@ class ParallelConfig(StrictModel):
                                                         "backpropagates through the teacher (no effect for DMD2)")
     cpu_offload: bool = Field(False, description="keep sharded parameters and optimiser state in CPU memory "
                                                  "(much slower; for teachers that do not fit otherwise)")
+    broadcast_from_rank0: bool = Field(False, description="distributed runs: only rank 0 loads the weights; the "
+                                                          "other ranks build the networks on the meta device and "
+                                                          "receive their shards from rank 0 after sharding (host "
+                                                          "memory: one copy per node instead of one per rank)")
 
 
 @dataclass
@@ -159,6 +163,51 @@ def shard_backbone(backbone: nn.Module, block_names: list[str], mesh, mp_policy=
     return backbone
 
 
+def builds_on_meta(config: ParallelConfig, ctx: DistContext) -> bool:
+    """Whether THIS rank should build its networks on the meta device (``broadcast_from_rank0``)."""
+    return bool(config.broadcast_from_rank0) and ctx.distributed and not ctx.is_main \
+        and resolve_strategy(config.strategy, ctx) != "none"
+
+
+def _named_backbones(models) -> list[tuple[str, nn.Module]]:
+    out = [("generator", models.generator.denoiser.backbone)]
+    if models.fake_score is not None:
+        out.append(("fake_score", models.fake_score.backbone))
+    out.append(("teacher", models.teacher.backbone))
+    return out
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+@torch.no_grad()
+def materialize_from_rank0(module: nn.Module, full_state: dict[str, torch.Tensor] | None, ctx: DistContext,
+                           device: torch.device | None = None) -> None:
+    """Fill an (already ``fully_shard``-ed or replicated) network from rank 0's full weights.
+
+    Rank 0 passes its full state dict (taken BEFORE sharding); the other ranks pass ``None`` and
+    hold meta tensors, which are first allocated (``to_empty``: uninitialised memory) on
+    ``device`` (default ``ctx.device``; CPU for offloaded shards).  ``set_model_state_dict(..., broadcast_from_rank0=True)`` then broadcasts every
+    entry and keeps only each rank's shard.  Buffers -- non-persistent ones are not in any state
+    dict and are garbage after ``to_empty`` -- are broadcast from rank 0 afterwards.  Collective:
+    every rank must call it, for the same networks in the same order.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not ctx.is_main and _on_meta(module):
+        module.to_empty(device=device or ctx.device)
+    sd = dict(full_state) if ctx.is_main and full_state is not None else {}
+    set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    comm = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    for _, buf in sorted(module.named_buffers(), key=lambda kv: kv[0]):
+        local = buf.to_local() if hasattr(buf, "to_local") else buf
+        staged = local.to(comm)
+        dist.broadcast(staged, src=0)
+        if staged is not local:
+            local.copy_(staged)
+
+
 def parallelize(models, config: ParallelConfig, precision: str, ctx: DistContext) -> str:
     """Apply activation checkpointing and the sharding strategy to every network of a run."""
     strategy = resolve_strategy(config.strategy, ctx)
@@ -178,12 +227,23 @@ def parallelize(models, config: ParallelConfig, precision: str, ctx: DistContext
     mesh = make_mesh(strategy, ctx, config.hsdp_shard_size)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision == "amp_bf16" else None
-    for backbone in trainables:
-        shard_backbone(backbone, adapter.block_names(backbone), mesh, mp, config.reshard_after_forward,
-                       config.cpu_offload)
-    if config.shard_teacher:
-        teacher = models.teacher.backbone
-        shard_backbone(teacher, adapter.block_names(teacher), mesh, None, True, config.cpu_offload)
+    from_rank0 = bool(config.broadcast_from_rank0)
+    if not from_rank0 and any(_on_meta(b) for _, b in _named_backbones(models)):
+        raise ValueError("networks on the meta device need parallel.broadcast_from_rank0: true")
+    teacher = models.teacher.backbone
+    for name, backbone in _named_backbones(models):
+        # rank 0's full weights, referenced before sharding (fully_shard copies them into shards)
+        full = backbone.state_dict() if from_rank0 and ctx.is_main else None
+        if backbone is not teacher:
+            shard_backbone(backbone, adapter.block_names(backbone), mesh, mp, config.reshard_after_forward,
+                           config.cpu_offload)
+        elif config.shard_teacher:
+            shard_backbone(teacher, adapter.block_names(teacher), mesh, None, True, config.cpu_offload)
+        if from_rank0:
+            sharded = backbone is not teacher or config.shard_teacher
+            materialize_from_rank0(backbone, full, ctx,
+                                   torch.device("cpu") if config.cpu_offload and sharded else ctx.device)
+        del full
     if models.discriminator is not None:
         from torch.distributed.fsdp import fully_shard
         fully_shard(models.discriminator, mesh=make_mesh("ddp", ctx))
