@@ -72,7 +72,13 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], st
     for name, module in networks.items():
         save_safetensors(module, tmp / f"{name}.safetensors")
     torch.save(state, tmp / STATE_FILE)
-    _write_text_atomic(tmp / "meta.json", json.dumps({"step": step, "networks": sorted(networks)}, indent=2))
+    return finalize(tmp, final, {"step": step, "networks": sorted(networks)}, keep)
+
+
+def finalize(tmp: Path, final: Path, meta: dict[str, Any], keep: int) -> Path:
+    """Write ``meta.json`` last, rename the complete directory into place, point ``latest`` at it, prune."""
+    root = final.parent
+    _write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

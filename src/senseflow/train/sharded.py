@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from ..teachers.base import SenseflowError
-from .checkpoint import LATEST, STATE_FILE, _write_text_atomic
+from .checkpoint import STATE_FILE, finalize
 
 _ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                     "torch.distributed.checkpoint.planner"}
@@ -92,14 +92,8 @@ def save_sharded(run_dir: Path, step: int, networks: dict[str, nn.Module], optim
     ctx.barrier()
     if ctx.is_main:
         torch.save(shared_state, tmp / STATE_FILE)
-        _write_text_atomic(tmp / "meta.json", json.dumps(
-            {"step": step, "networks": sorted(networks), "format": "dcp", "world_size": ctx.world_size}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_text_atomic(root / LATEST, final.name + "\n")
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        finalize(tmp, final, {"step": step, "networks": sorted(networks), "format": "dcp",
+                              "world_size": ctx.world_size}, keep)
     ctx.barrier()
     return final
 
