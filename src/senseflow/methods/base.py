@@ -68,6 +68,8 @@ class Batch:
     def split(self, parts: int) -> list["Batch"]:
         """Split into ``parts`` micro-batches of equal size (gradient accumulation)."""
         n = len(self)
+        if parts == 1:
+            return [self]
         if parts < 1 or n % parts:
             raise ValueError(f"batch of {n} cannot be split into {parts} equal micro-batches")
         size = n // parts

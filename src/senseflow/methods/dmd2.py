@@ -160,21 +160,22 @@ class DMD2(Method):
         return diff.pow(2).mean()
 
 
-def ida_update(fake: nn.Module, generator: nn.Module, lam: float) -> int:
+class IDAPlan:
     """Implicit Distribution Alignment: ``phi <- lam * phi + (1 - lam) * theta``, matched by name.
 
-    Runs on whatever tensors the parameters hold (the fp32 master weights under AMP; the local
-    shards under FSDP2, where both networks share one sharding plan).  Parameters the generator
-    lacks (FLUX's guidance embedder, removed from the student) are left as they are.  fp32
-    parameters are updated with fused ``_foreach`` kernels (``phi * lam + (1 - lam) * theta``,
-    the same arithmetic as the per-tensor form); low-precision storage is interpolated in fp32
-    and rounded once.  Returns the number of parameters updated.
+    The name matching is done once (parameter objects are stable for a run, FSDP2 shards
+    included), so each application is a couple of fused kernels.  Runs on whatever tensors the
+    parameters hold (the fp32 master weights under AMP; the local shards under FSDP2, where both
+    networks share one sharding plan).  Parameters the generator lacks (FLUX's guidance embedder,
+    removed from the student) are left as they are.  fp32 parameters are updated with fused
+    ``_foreach`` kernels (``phi * lam + (1 - lam) * theta``, the same arithmetic as the
+    per-tensor form); low-precision storage is interpolated in fp32 and rounded once.
     """
-    gen_params = dict(generator.named_parameters())
-    fused_p: list[torch.Tensor] = []
-    fused_q: list[torch.Tensor] = []
-    updated = 0
-    with torch.no_grad():
+
+    def __init__(self, fake: nn.Module, generator: nn.Module) -> None:
+        gen_params = dict(generator.named_parameters())
+        self.fused: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self.mixed: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, p in fake.named_parameters():
             q = gen_params.get(name)
             if q is None:
@@ -183,12 +184,25 @@ def ida_update(fake: nn.Module, generator: nn.Module, lam: float) -> int:
                 raise ValueError(f"IDA: parameter {name!r} has shape {tuple(p.shape)} in the fake score "
                                  f"but {tuple(q.shape)} in the generator")
             if p.dtype == torch.float32 and q.dtype == torch.float32:
-                fused_p.append(p)
-                fused_q.append(q)
+                self.fused[0].append(p)
+                self.fused[1].append(q)
             else:
-                p.copy_(p.float() * lam + (1.0 - lam) * q.float())
-            updated += 1
-        if fused_p:
-            torch._foreach_mul_(fused_p, lam)
-            torch._foreach_add_(fused_p, torch._foreach_mul(fused_q, 1.0 - lam))
-    return updated
+                self.mixed.append((p, q))
+
+    def __len__(self) -> int:
+        return len(self.fused[0]) + len(self.mixed)
+
+    @torch.no_grad()
+    def apply(self, lam: float) -> int:
+        ps, qs = self.fused
+        if ps:
+            torch._foreach_mul_(ps, lam)
+            torch._foreach_add_(ps, torch._foreach_mul(qs, 1.0 - lam))
+        for p, q in self.mixed:
+            p.copy_(p.float() * lam + (1.0 - lam) * q.float())
+        return len(self)
+
+
+def ida_update(fake: nn.Module, generator: nn.Module, lam: float) -> int:
+    """One IDA update (see :class:`IDAPlan`); returns the number of parameters updated."""
+    return IDAPlan(fake, generator).apply(lam)

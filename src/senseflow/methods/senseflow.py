@@ -15,7 +15,7 @@ from torch import Tensor
 from ..generator import GeneratorInput
 from ..rng import RandomStreams
 from .base import Batch, DistillationModels, GuidanceSpec
-from .dmd2 import DMD2, DMD2Config, ida_update
+from .dmd2 import DMD2, DMD2Config, IDAPlan
 
 
 class SenseFlowConfig(DMD2Config):
@@ -39,12 +39,14 @@ class SenseFlow(DMD2):
     def __init__(self, models: DistillationModels, config: SenseFlowConfig) -> None:
         super().__init__(models, config)
         self.config: SenseFlowConfig = config
+        self._ida: IDAPlan | None = None  # built on first use: after FSDP2 has sharded the networks
 
     @torch.no_grad()
     def after_step(self, phase: str) -> dict[str, float]:
         if phase == "generator" and self.config.ida:
-            ida_update(self.models.fake_score.backbone, self.models.generator.denoiser.backbone,
-                       self.config.ida_lambda)
+            if self._ida is None:
+                self._ida = IDAPlan(self.models.fake_score.backbone, self.models.generator.denoiser.backbone)
+            self._ida.apply(self.config.ida_lambda)
         return {}
 
     def extra_generator_losses(self, gin: GeneratorInput, x: Tensor, batch: Batch,

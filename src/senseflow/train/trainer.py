@@ -81,6 +81,7 @@ class Trainer:
             self.params[name] = params
         self.optimizers = {name: build_optimizer(self.params[name], optim[name]) for name in self.networks}
         self.step = 0
+        self._trainable: str | None = "*"  # unknown: the first set_phase visits every network
         self.logger: RunLogger | None = None
         self.last_logs: dict[str, float] = {}
 
@@ -91,10 +92,17 @@ class Trainer:
         return contextlib.nullcontext()
 
     def set_phase(self, phase: str | None) -> None:
-        """Only the current phase's network is trainable: no gradient can leak into another one."""
+        """Only the current phase's network is trainable: no gradient can leak into another one.
+
+        Only networks whose state changes are visited (this runs twice per phase on every step).
+        """
+        if phase == self._trainable:
+            return
         for name, params in self.params.items():
-            for p in params:
-                p.requires_grad_(name == phase)
+            if self._trainable == "*" or name in (phase, self._trainable):
+                for p in params:
+                    p.requires_grad_(name == phase)
+        self._trainable = phase
 
     def run_phase(self, phase: str, batch: Batch) -> dict[str, Any]:
         self.set_phase(phase)
