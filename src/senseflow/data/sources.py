@@ -113,7 +113,8 @@ def use_cache(config, adapter: ModelAdapter, path: str | None = None) -> PromptC
 
     cache = open_cache(path or cache_path(config))
     cache.check_compatible(config, adapter)
-    if type(adapter).set_unconditional is not ModelAdapter.set_unconditional:
+    # only families with a CFG branch have an unconditional embedding (FLUX is guidance-distilled)
+    if "cfg" in adapter.guidance_kinds and type(adapter).set_unconditional is not ModelAdapter.set_unconditional:
         adapter.set_unconditional(cache.unconditional())
     return cache
 

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from ..schedules import RectifiedFlow, as_time, flux_mu
 from . import loading
-from .base import Conditioning, ModelAdapter, SenseflowError
+from .base import Conditioning, SenseflowError
+from .common import DiffusersFolderAdapter
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 CLIP_CLASS = "CLIPTextModel"
@@ -215,11 +216,13 @@ def schedule_from_config(sched: Mapping[str, Any], image_seq_len: int, *, mu: fl
                                     args["base_shift"], args["max_shift"]))
 
 
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(DiffusersFolderAdapter):
     """FLUX.1 family adapter (see module docstring)."""
 
     guidance_kinds = frozenset({"embedded"})
     family = "flux"
+    label = "FLUX"
+    packed_channels = 4  # the transformer sees 2x2-packed latents
 
     def __init__(self, transformer_config: Mapping[str, Any] | nn.Module, *, resolution: int, vae: nn.Module | Mapping,
                  mu: float | None = None, shift: float | None = None, scheduler_config: Mapping[str, Any] | None = None,
@@ -415,18 +418,9 @@ class FluxAdapter(ModelAdapter):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
 
-    def latent_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.config["in_channels"]) // 4, side, side)
-
     def _vae_factors(self) -> tuple[float, float]:
         shift = self.vae_config.get("shift_factor")
         return float(self.vae_config["scaling_factor"]), 0.0 if shift is None else float(shift)
-
-    def _require_vae(self) -> nn.Module:
-        if self.vae is None:
-            raise SenseflowError("the FLUX adapter has no VAE loaded: load the teacher folder with its vae/")
-        return self.vae
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images in ``[-1, 1]`` (``vae.decode(z / scaling + shift)``); gradients flow."""

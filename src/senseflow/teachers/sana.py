@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, RectifiedFlow, TrigFlow, as_time, expand_like, trigflow_to_flow
 from . import loading
-from .base import Conditioning, ModelAdapter, SenseflowError
+from .base import Conditioning, SenseflowError
+from .common import DiffusersFolderAdapter
 
 TRANSFORMER_CLASS = "SanaTransformer2DModel"
 TEXT_ENCODER_CLASSES: tuple[str, ...] = ("Gemma2Model", "Gemma2ForCausalLM")
@@ -151,10 +152,11 @@ def has_guidance_embedding(backbone: nn.Module) -> bool:
     return loading.find_module_name(backbone, "guidance_embedder") is not None
 
 
-class SanaAdapter(ModelAdapter):
+class SanaAdapter(DiffusersFolderAdapter):
     """SANA / SANA-Sprint family adapter (see module docstring)."""
 
     family = "sana"
+    label = "SANA"
 
     def __init__(self, transformer_config: Mapping[str, Any] | nn.Module, *, resolution: int,
                  vae: nn.Module | Mapping[str, Any] | None = None, prediction: str = "flow",
@@ -367,12 +369,6 @@ class SanaAdapter(ModelAdapter):
             self._uncond = self._encode([self.negative_prompt], with_instruction=False)
         return self._uncond.expand(batch_size)
 
-    def set_unconditional(self, cond: Conditioning) -> None:
-        """Use a precomputed empty-prompt embedding (batch 1), e.g. from a prompt cache."""
-        if len(cond) != 1:
-            raise SenseflowError(f"the unconditional embedding must have batch size 1, got {len(cond)}")
-        self._uncond = cond.detach().to(self.device)
-
     def release_text_encoders(self) -> None:
         """Drop the text encoder (after caching prompts); the empty prompt stays cached."""
         if self.text_encoder is not None and self._uncond is None:
@@ -385,15 +381,6 @@ class SanaAdapter(ModelAdapter):
         if self.vae_config is None:
             return 32
         return 2 ** (len(self.vae_config["encoder_block_out_channels"]) - 1)
-
-    def latent_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.config["in_channels"]), side, side)
-
-    def _require_vae(self) -> nn.Module:
-        if self.vae is None:
-            raise SenseflowError("the SANA adapter has no VAE loaded: load the teacher folder with its vae/")
-        return self.vae
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images in ``[-1, 1]`` (``vae.decode(z / scaling_factor)``); gradients flow."""

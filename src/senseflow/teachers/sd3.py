@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from ..schedules import RectifiedFlow, as_time
 from . import loading
-from .base import Conditioning, ModelAdapter, SenseflowError
+from .base import Conditioning, SenseflowError
+from .common import DiffusersFolderAdapter
 
 TRANSFORMER_CLASS = "SD3Transformer2DModel"
 CLIP_CLASS = "CLIPTextModelWithProjection"
@@ -137,11 +138,12 @@ def check_dims(transformer: Mapping[str, Any], *, resolution: int, clip: Sequenc
                              f"{int(pos_max) * scale * patch}")
 
 
-class SD3Adapter(ModelAdapter):
+class SD3Adapter(DiffusersFolderAdapter):
     """SD3 / SD3.5 family adapter (see module docstring)."""
 
     guidance_kinds = frozenset({"cfg"})
     family = "sd3"
+    label = "SD3"
 
     def __init__(self, transformer_config: Mapping[str, Any] | nn.Module, *, resolution: int,
                  shift: float = DEFAULT_SHIFT, clip_encoders: Sequence[TextEncoder] = (),
@@ -357,12 +359,6 @@ class SD3Adapter(ModelAdapter):
             self._uncond = self.encode_prompts([""])
         return self._uncond.expand(batch_size)
 
-    def set_unconditional(self, cond: Conditioning) -> None:
-        """Use a precomputed empty-prompt embedding (batch 1), e.g. from a prompt cache."""
-        if len(cond) != 1:
-            raise SenseflowError(f"the unconditional embedding must have batch size 1, got {len(cond)}")
-        self._uncond = cond.detach().to(self.device)
-
     def release_text_encoders(self) -> None:
         """Drop the text encoders (after caching prompts) to free memory; the empty prompt stays cached."""
         if self.clip_encoders and self._uncond is None:
@@ -375,10 +371,6 @@ class SD3Adapter(ModelAdapter):
         if self.vae is None:
             return 1
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.config["in_channels"]), side, side)
 
     def _vae_factors(self) -> tuple[float, float]:
         cfg = self.vae.config

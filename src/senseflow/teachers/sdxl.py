@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from ..schedules import DDPM, as_time
 from . import loading
-from .base import Conditioning, ModelAdapter, SenseflowError
+from .base import Conditioning, SenseflowError
+from .common import DiffusersFolderAdapter
 
 UNET_CLASS = "UNet2DConditionModel"
 CLIP_CLASSES: tuple[str, str] = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -127,11 +128,12 @@ def check_dims(unet: Mapping[str, Any], *, resolution: int, clip: Sequence[Mappi
                              f"downsampling {down}): pick a resolution divisible by {scale * down}")
 
 
-class SDXLAdapter(ModelAdapter):
+class SDXLAdapter(DiffusersFolderAdapter):
     """SDXL family adapter (see module docstring)."""
 
     guidance_kinds = frozenset({"cfg"})
     family = "sdxl"
+    label = "SDXL"
 
     def __init__(self, unet_config: Mapping[str, Any] | nn.Module, *, resolution: int,
                  schedule: DDPM | None = None, clip_encoders: Sequence[TextEncoder] = (),
@@ -349,15 +351,6 @@ class SDXLAdapter(ModelAdapter):
         if self.vae_config is None:
             return 8
         return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
-
-    def latent_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.config["in_channels"]), side, side)
-
-    def _require_vae(self) -> nn.Module:
-        if self.vae is None:
-            raise SenseflowError("the SDXL adapter has no VAE loaded: load the teacher folder with its vae/")
-        return self.vae
 
     def _latent_stats(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
         """(mean, std) of the latents per channel when the VAE config has them, else (0, 1)."""

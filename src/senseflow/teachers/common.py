@@ -1,0 +1,34 @@
+"""Behaviour shared by the adapters that load diffusers folders (SD3, FLUX, SDXL, SANA)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Conditioning, ModelAdapter, SenseflowError
+
+
+class DiffusersFolderAdapter(ModelAdapter):
+    """Square latents from ``resolution`` and the VAE's scale factor, a VAE guard, a cached uncond.
+
+    Subclasses set ``label`` (used in messages), ``resolution``, ``config`` (the backbone config),
+    ``vae``, ``device`` and a ``vae_scale_factor`` property.
+    """
+
+    label: str = "diffusers"
+    #: the backbone sees latents with this many times the VAE's channels (FLUX packs 2x2 patches: 4)
+    packed_channels: int = 1
+
+    def latent_shape(self) -> tuple[int, ...]:
+        side = self.resolution // self.vae_scale_factor
+        return (int(self.config["in_channels"]) // self.packed_channels, side, side)
+
+    def _require_vae(self) -> nn.Module:
+        if self.vae is None:
+            raise SenseflowError(f"the {self.label} adapter has no VAE loaded: load the teacher folder with its vae/")
+        return self.vae
+
+    def set_unconditional(self, cond: Conditioning) -> None:
+        """Use a precomputed empty-prompt embedding (batch 1), e.g. from a prompt cache."""
+        if len(cond) != 1:
+            raise SenseflowError(f"the unconditional embedding must have batch size 1, got {len(cond)}")
+        self._uncond = cond.detach().to(self.device)
