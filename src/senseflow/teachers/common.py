@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import Conditioning, ModelAdapter, SenseflowError
@@ -26,6 +27,21 @@ class DiffusersFolderAdapter(ModelAdapter):
         if self.vae is None:
             raise SenseflowError(f"the {self.label} adapter has no VAE loaded: load the teacher folder with its vae/")
         return self.vae
+
+    def text_encoders(self) -> list:
+        """The loaded text encoders (``TextEncoder`` records with a ``.model``); none once released."""
+        return []
+
+    def to(self, device: torch.device | str) -> "DiffusersFolderAdapter":
+        """Move the text encoders, the VAE and the cached empty prompt (not the backbone) to ``device``."""
+        self.device = torch.device(device)
+        for enc in self.text_encoders():
+            enc.model.to(self.device)
+        if self.vae is not None:
+            self.vae.to(self.device)
+        if getattr(self, "_uncond", None) is not None:
+            self._uncond = self._uncond.to(self.device)
+        return self
 
     def set_unconditional(self, cond: Conditioning) -> None:
         """Use a precomputed empty-prompt embedding (batch 1), e.g. from a prompt cache."""

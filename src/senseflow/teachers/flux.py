@@ -463,15 +463,8 @@ class FluxAdapter(DiffusersFolderAdapter):
         return without_guidance_embedding(teacher_backbone)
 
     # -- devices -------------------------------------------------------------------------------
-    def to(self, device: torch.device | str) -> "FluxAdapter":
-        """Move the text encoders and the VAE (not the backbone) to ``device``."""
-        self.device = torch.device(device)
-        for enc in (self.clip_encoder, self.t5_encoder):
-            if enc is not None:
-                enc.model.to(self.device)
-        if self.vae is not None:
-            self.vae.to(self.device)
-        return self
+    def text_encoders(self) -> list:
+        return [enc for enc in (self.clip_encoder, self.t5_encoder) if enc is not None]
 
     def __repr__(self) -> str:
         return (f"FluxAdapter(source={self.source!r}, resolution={self.resolution}, schedule={self.schedule}, "

@@ -405,16 +405,8 @@ class SanaAdapter(DiffusersFolderAdapter):
         return loading.find_module_name(backbone, "norm_out")
 
     # -- devices -------------------------------------------------------------------------------
-    def to(self, device: torch.device | str) -> "SanaAdapter":
-        """Move the text encoder, the VAE and the cached empty prompt (not the backbone) to ``device``."""
-        self.device = torch.device(device)
-        if self.text_encoder is not None:
-            self.text_encoder.model.to(self.device)
-        if self.vae is not None:
-            self.vae.to(self.device)
-        if self._uncond is not None:
-            self._uncond = self._uncond.to(self.device)
-        return self
+    def text_encoders(self) -> list:
+        return [self.text_encoder] if self.text_encoder is not None else []
 
     def __repr__(self) -> str:
         return (f"SanaAdapter(source={self.source!r}, resolution={self.resolution}, prediction={self.prediction!r}, "

@@ -406,16 +406,8 @@ class SD3Adapter(DiffusersFolderAdapter):
         return loading.find_module_name(backbone, "norm_out")
 
     # -- devices -------------------------------------------------------------------------------
-    def to(self, device: torch.device | str) -> "SD3Adapter":
-        """Move the text encoders, the VAE and the cached empty prompt (not the backbone) to ``device``."""
-        self.device = torch.device(device)
-        for enc in self.clip_encoders + ([self.t5_encoder] if self.t5_encoder is not None else []):
-            enc.model.to(self.device)
-        if self.vae is not None:
-            self.vae.to(self.device)
-        if self._uncond is not None:
-            self._uncond = self._uncond.to(self.device)
-        return self
+    def text_encoders(self) -> list:
+        return self.clip_encoders + ([self.t5_encoder] if self.t5_encoder is not None else [])
 
     def __repr__(self) -> str:
         encs = [e.name for e in self.clip_encoders] + ([self.t5_encoder.name] if self.t5_encoder else [])

@@ -394,16 +394,8 @@ class SDXLAdapter(DiffusersFolderAdapter):
         return loading.find_module_name(backbone, "conv_norm_out")
 
     # -- devices -------------------------------------------------------------------------------
-    def to(self, device: torch.device | str) -> "SDXLAdapter":
-        """Move the text encoders, the VAE and the cached unconditional embedding (not the backbone)."""
-        self.device = torch.device(device)
-        for enc in self.clip_encoders:
-            enc.model.to(self.device)
-        if self.vae is not None:
-            self.vae.to(self.device)
-        if self._uncond is not None:
-            self._uncond = self._uncond.to(self.device)
-        return self
+    def text_encoders(self) -> list:
+        return list(self.clip_encoders)
 
     def __repr__(self) -> str:
         return (f"SDXLAdapter(source={self.source!r}, resolution={self.resolution}, schedule={self.schedule}, "
