@@ -52,6 +52,28 @@ class EvalSet:
             yield slice(i, i + size)
 
 
+class StudentTracker:
+    """A ``TrainerHooks.on_step`` hook: scores the student every ``eval_every`` iterations (the curves).
+
+    ``evalset`` and ``reference`` (the teacher's 32-step samples, for ``fd_teacher``) are set once
+    the trainer -- and with it the teacher adapter -- exists.
+    """
+
+    def __init__(self, evaluator, sampler: str, eval_every: int) -> None:
+        self.evaluator, self.sampler, self.eval_every = evaluator, sampler, eval_every
+        self.evalset: EvalSet | None = None
+        self.reference: torch.Tensor | None = None
+        self.curve: list[dict[str, float]] = []
+
+    def __call__(self, trainer: Trainer, step: int) -> None:
+        if step % self.eval_every and step != trainer.cfg.steps:
+            return
+        images, _ = sample_student(trainer.method.models.generator, self.evalset, self.sampler)
+        m = self.evaluator.evaluate(images, self.evalset.prompts, reference_teacher=self.reference)
+        self.curve.append({"iteration": step, **_summary(m, ("attr_acc", "fd_real", "fd_teacher", "diversity")),
+                           **{k: v for k, v in trainer.last_logs.items() if k.startswith("loss_")}})
+
+
 @torch.no_grad()
 def sample_teacher(teacher, evalset: EvalSet, steps: int, cfg: float) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
@@ -140,24 +162,16 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
     out.mkdir(parents=True, exist_ok=True)
 
     evaluator = ToyEvaluator.load()
-    curve: list[dict[str, float]] = []
     cfg_scale = _teacher_cfg(config)
-
-    def evaluate_student(trainer: Trainer, step: int) -> None:
-        if step % eval_every and step != trainer.cfg.steps:
-            return
-        images, _ = sample_student(trainer.method.models.generator, evalset, config.generator.sampler)
-        m = evaluator.evaluate(images, evalset.prompts, reference_teacher=teacher32)
-        curve.append({"iteration": step, **_summary(m, ("attr_acc", "fd_real", "fd_teacher", "diversity")),
-                      **{k: v for k, v in trainer.last_logs.items() if k.startswith("loss_")}})
-
-    trainer = api.build_trainer(config, resume="auto", hooks=TrainerHooks(on_step=[evaluate_student]))
+    tracker = StudentTracker(evaluator, config.generator.sampler, eval_every)
+    trainer = api.build_trainer(config, resume="auto", hooks=TrainerHooks(on_step=[tracker]))
     teacher = trainer.method.models.teacher
-    evalset = EvalSet(teacher.adapter, eval_prompts, per_prompt, seed, trainer.device)
+    evalset = tracker.evalset = EvalSet(teacher.adapter, eval_prompts, per_prompt, seed, trainer.device)
 
     print(f"[1/3] teacher baselines on {len(evalset.prompts)} samples ({eval_prompts} prompts x {per_prompt} seeds), "
           f"CFG {cfg_scale}", flush=True)
     teacher32, spi32 = sample_teacher(teacher, evalset, 32, cfg_scale)
+    tracker.reference = teacher32
     teacher4, spi4 = sample_teacher(teacher, evalset, 4, cfg_scale)
     nfe_per_step = 2 if cfg_scale != 1.0 else 1
     m32 = evaluator.evaluate(teacher32, evalset.prompts)
@@ -174,7 +188,7 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
 
     print(f"[2/3] distilling a {steps}-step student with {method} for {config.train.steps} iterations", flush=True)
     if trainer.step == 0:
-        evaluate_student(trainer, 0)
+        tracker(trainer, 0)
     t0 = time.perf_counter()
     start_step = trainer.step
     trainer.fit()
@@ -187,7 +201,7 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
                           **_summary(ms, keys + ("fd_teacher", "diversity")), "seconds_per_image": spi_student}
     results["train_seconds"] = round(train_seconds, 2)
     results["iterations"] = trainer.step - start_step
-    results["curve"] = curve
+    results["curve"] = curve = tracker.curve
 
     rows = min(8, eval_prompts)
     idx = list(range(0, rows * per_prompt, per_prompt))

@@ -96,8 +96,11 @@ def _save_transformer_atomically(model: nn.Module, folder: Path) -> None:
 
 def train_teacher(folder: str | os.PathLike, steps: int, batch_size: int = 64, lr: float = 3e-4,
                   seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999, warmup: int = 200,
-                  save_every: int = 500, progress: bool = True) -> dict:
+                  save_every: int = 500, progress: bool = True, stop_at: int | None = None) -> dict:
     """Rectified-flow training (velocity target, shifted logit-normal(0, 1) t, caption dropout for CFG).
+
+    ``stop_at`` ends this invocation early (after a checkpoint) without changing the LR schedule,
+    which is set by ``steps``: a time-boxed run, resumed later, trains exactly like a straight one.
 
     Resumable: the EMA weights are saved into ``folder/transformer`` every ``save_every`` steps
     together with ``folder/train_state.pt`` (optimizer, raw weights, step; loaded weights-only).
@@ -112,19 +115,24 @@ def train_teacher(folder: str | os.PathLike, steps: int, batch_size: int = 64, l
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     state_path = folder / "train_state.pt"
     start = 0
+    g = torch.Generator().manual_seed(derive_seed(seed, "teacher-noise"))
     if state_path.is_file():
         state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["raw"])
         opt.load_state_dict(state["optimizer"])
         ema = state["ema"]
         start = int(state["step"])
+        if "rng" in state:  # exact resume; states written before the RNG was saved reseed by step
+            g.set_state(state["rng"])
+        else:
+            g.manual_seed(derive_seed(seed, "teacher-noise", start))
     world = ToyWorld(seed=derive_seed(seed, "teacher-data") % (2 ** 31))
     schedule = RectifiedFlow(shift=SCHEDULER_SHIFT)
-    g = torch.Generator().manual_seed(derive_seed(seed, "teacher-noise", start))
     empty = adapter.unconditional(1)
     losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="toy teacher", disable=not progress)
+    end = steps if stop_at is None else min(steps, stop_at)
+    bar = tqdm(range(start, end), initial=start, total=steps, desc="toy teacher", disable=not progress)
     for step in bar:
         images, captions, _ = world.batch(batch_size, step)
         cond = adapter.encode_prompts(captions)
@@ -148,18 +156,20 @@ def train_teacher(folder: str | os.PathLike, steps: int, batch_size: int = 64, l
                 ema[k].mul_(ema_decay).add_(v.detach(), alpha=1 - ema_decay) if v.is_floating_point() else ema[k].copy_(v)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
-        if (step + 1) % save_every == 0 or step + 1 == steps:
-            _checkpoint(model, ema, opt, step + 1, folder)
-    return {"final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])), "seconds": time.perf_counter() - t0}
+        if (step + 1) % save_every == 0 or step + 1 == end:
+            _checkpoint(model, ema, opt, step + 1, folder, g)
+    return {"step": end, "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])),
+            "seconds": time.perf_counter() - t0}
 
 
-def _checkpoint(model: nn.Module, ema: dict, opt: torch.optim.Optimizer, step: int, folder: Path) -> None:
+def _checkpoint(model: nn.Module, ema: dict, opt: torch.optim.Optimizer, step: int, folder: Path,
+                rng: torch.Generator) -> None:
     raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(ema)
     _save_transformer_atomically(model, folder)
     model.load_state_dict(raw)
     tmp = folder / "train_state.pt.tmp"
-    torch.save({"raw": raw, "ema": ema, "optimizer": opt.state_dict(), "step": step}, tmp)
+    torch.save({"raw": raw, "ema": ema, "optimizer": opt.state_dict(), "step": step, "rng": rng.get_state()}, tmp)
     os.replace(tmp, folder / "train_state.pt")
 
 
@@ -177,13 +187,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (after a checkpoint) at this step; rerun the same command to continue")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not (out / "transformer").is_dir():
         create_teacher_folder(out, seed=args.seed)
-    info = train_teacher(out, args.steps, args.batch_size, args.lr, args.seed, save_every=args.save_every)
+    info = train_teacher(out, args.steps, args.batch_size, args.lr, args.seed, save_every=args.save_every,
+                         stop_at=args.stop_at)
     record = {"command": f"senseflow toy train-teacher --out {args.out} --steps {args.steps} "
                          f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}", **info}
     (out / "training.json").write_text(json.dumps(record, indent=2))

@@ -1,0 +1,48 @@
+"""The toy teacher: its training command resumes exactly, and the shipped one is an SD3 folder that draws the world."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from senseflow.toy.teacher import TEACHER_ASSET, create_teacher_folder, load_toy_teacher, train_teacher
+
+TINY = dict(width=32, layers=1, head_dim=16)
+
+
+def _train(folder, **kw):
+    return train_teacher(folder, steps=4, batch_size=4, lr=1e-3, seed=3, save_every=100, progress=False, **kw)
+
+
+def test_train_teacher_stop_and_resume_equals_a_straight_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for folder in (straight, split):
+        create_teacher_folder(folder, seed=0, **TINY)
+    _train(straight)
+    assert _train(split, stop_at=2)["step"] == 2
+    assert torch.load(split / "train_state.pt", weights_only=True)["step"] == 2
+    assert _train(split)["step"] == 4
+    a, b = (torch.load(f / "train_state.pt", weights_only=True) for f in (straight, split))
+    assert a["step"] == b["step"] == 4
+    for key in a["raw"]:
+        assert torch.equal(a["raw"][key], b["raw"][key]), key
+    ema_a, ema_b = (load_file(str(f / "transformer" / "diffusion_pytorch_model.safetensors")) for f in (straight, split))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    initial = create_teacher_folder(tmp_path / "init", seed=0, **TINY)
+    ema_0 = load_file(str(initial / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(ema_0[k], ema_a[k]) for k in ema_a)  # it did train
+
+
+def test_shipped_teacher_is_an_sd3_folder_loaded_by_the_sd3_adapter():
+    from senseflow.teachers.sd3 import SD3Adapter
+
+    index = json.loads((TEACHER_ASSET / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    size = sum(f.stat().st_size for f in TEACHER_ASSET.rglob("*") if f.is_file())
+    assert size <= 20 * 2 ** 20, size
+    adapter, backbone = load_toy_teacher()
+    assert type(adapter) is SD3Adapter and type(backbone).__name__ == "SD3Transformer2DModel"
+    record = json.loads((TEACHER_ASSET / "training.json").read_text())
+    assert record["command"].startswith("senseflow toy train-teacher") and "--seed" in record["command"]
