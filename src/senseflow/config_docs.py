@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import sys
+import types
 import typing
 
 from pydantic import BaseModel
@@ -52,22 +53,31 @@ def _section(title: str, model: type[BaseModel]) -> list[str]:
     return lines + [""]
 
 
+def _model_of(annotation) -> type[BaseModel] | None:
+    """The settings model behind ``M`` or an optional section ``M | None`` (else None)."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] \
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
+    if len(options) == 1 and isinstance(options[0], type) and issubclass(options[0], BaseModel):
+        return options[0]
+    return None
+
+
 def _nested(prefix: str, model: type[BaseModel], out: list[str], seen: set) -> None:
     out += _section(prefix, model)
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel) and (prefix, name) not in seen:
+        sub = _model_of(field.annotation)
+        if sub is not None and (prefix, name) not in seen:
             seen.add((prefix, name))
-            _nested(f"{prefix}.{name}", ann, out, seen)
+            _nested(f"{prefix}.{name}", sub, out, seen)
 
 
 def render() -> str:
     out = [HEADER]
     seen: set = set()
     for name, field in Config.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            _nested(name, ann, out, seen)
+        sub = _model_of(field.annotation)
+        if sub is not None:
+            _nested(name, sub, out, seen)
     for label, model in (("method (name: senseflow)", SenseFlowConfig), ("method (name: dmd2)", DMD2Config),
                          ("method (name: sid)", SiDConfig)):
         _nested(label, model, out, seen)

@@ -8,6 +8,10 @@
 Checks that need the model folders (layer index vs. the DINOv2 depth, image size vs. the patch
 size, CLIP projection width vs. ``text_dim``, missing folders) run when the discriminator is
 built and fail with ONE line (:class:`~senseflow.teachers.base.SenseflowError`).
+
+Built-in backbones of the toy world (:func:`resolve_builtin`): ``dinov2_path: builtin:toy-dinov2``
+is the shipped toy DINOv2 (:mod:`senseflow.toy.backbone`), ``clip_path: builtin:toy-clip`` the
+shipped toy teacher's ``text_encoder/`` (its tokenizer is the sibling ``tokenizer/``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,27 @@ VITL_LAYERS: tuple[int, ...] = (0, 3, 6, 9, 11, 15, 20, 24)
 VITL_DEPTH = 24
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
+def _builtin_folders(key: str) -> dict[str, Path]:
+    from ..toy.backbone import BACKBONE_ASSET
+    from ..toy.teacher import TEACHER_ASSET
+
+    return {"dinov2_path": {"builtin:toy-dinov2": BACKBONE_ASSET},
+            "clip_path": {"builtin:toy-clip": TEACHER_ASSET / "text_encoder"}}[key]
+
+
+def resolve_builtin(key: str, value: str) -> str:
+    """``discriminator.<key>``'s folder: a ``builtin:<name>`` becomes its shipped asset, anything else is unchanged."""
+    if not value.startswith(BUILTIN_PREFIX):
+        return value
+    known = _builtin_folders(key)
+    if value not in known:
+        raise SenseflowError(f"discriminator.{key}: unknown built-in {value!r} (available: {', '.join(known)})")
+    return str(known[value])
+
+
 def default_layers(num_hidden_layers: int) -> list[int]:
     """``VITL_LAYERS`` for a 24-block model; otherwise the same relative depths, rounded half up."""
     out: list[int] = []
@@ -47,10 +72,12 @@ def default_layers(num_hidden_layers: int) -> list[int]:
 class VFMDiscriminatorConfig(StrictModel):
     """SenseFlow's VFM discriminator: frozen DINOv2 + frozen CLIP text encoder + trainable heads."""
 
-    dinov2_path: str = Field(description="local folder of a transformers Dinov2Model (config.json + weights)")
+    dinov2_path: str = Field(description="local folder of a transformers Dinov2Model (config.json + weights), or "
+                                         "builtin:toy-dinov2 (the toy world's shipped DINOv2, docs/toy.md)")
     clip_path: str = Field(
         description="local folder of a CLIPTextModelWithProjection (or CLIPModel); the tokenizer is read from "
-                    "this folder, its tokenizer/ subfolder, or a sibling tokenizer/ folder (diffusers layout)")
+                    "this folder, its tokenizer/ subfolder, or a sibling tokenizer/ folder (diffusers layout); "
+                    "builtin:toy-clip = the shipped toy teacher's text encoder")
     layers: list[int] | None = Field(
         None, description="DINOv2 hidden_states indices (0 = embedding output, i = after block i, 1-based); "
                           "None = 0,3,6,9,11,15,20,24 for 24 blocks (released code), scaled for other depths")
@@ -92,11 +119,19 @@ class VFMDiscriminatorConfig(StrictModel):
         """One-line errors for missing backbone folders (cheap; no model is loaded)."""
         for key in ("dinov2_path", "clip_path"):
             value = getattr(self, key)
-            path = Path(os.path.expanduser(value))
+            path = Path(os.path.expanduser(resolve_builtin(key, value)))
+            if not path.is_dir() and value.startswith(BUILTIN_PREFIX):
+                raise SenseflowError(f"discriminator.{key}: the shipped {value!r} ({path}) is missing from this "
+                                     f"installation; reinstall senseflow (or, for builtin:toy-dinov2, train one with "
+                                     f"`senseflow toy train-backbone --out DIR` and give DIR)")
             if not path.is_dir():
                 raise SenseflowError(f"discriminator.{key}: {value!r} is not a directory; point it at a local "
                                      f"{'Dinov2Model' if key == 'dinov2_path' else 'CLIP text model'} folder "
                                      f"(nothing is downloaded)")
+
+    def folder(self, key: Literal["dinov2_path", "clip_path"]) -> str:
+        """The local folder behind ``dinov2_path`` / ``clip_path`` (built-in names resolved)."""
+        return resolve_builtin(key, getattr(self, key))
 
     def resolve_layers(self, num_hidden_layers: int) -> list[int]:
         """The hidden_states indices to tap, checked against the model's depth."""
@@ -149,8 +184,8 @@ def build_vfm_discriminator(cfg: VFMDiscriminatorConfig, adapter: "ModelAdapter"
     from .vfm import VFMDiscriminator, load_clip_text, load_dinov2
 
     cfg.check_paths()
-    dinov2 = load_dinov2(cfg.dinov2_path, dtype=cfg.torch_dtype)
-    clip, tokenizer = load_clip_text(cfg.clip_path, dtype=cfg.torch_dtype)
+    dinov2 = load_dinov2(cfg.folder("dinov2_path"), dtype=cfg.torch_dtype)
+    clip, tokenizer = load_clip_text(cfg.folder("clip_path"), dtype=cfg.torch_dtype)
     if rank is None:
         dist = torch.distributed
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -1,4 +1,4 @@
-"""``senseflow toy ...`` subcommands (the toy world's teacher and evaluator)."""
+"""``senseflow toy ...`` subcommands (the toy world's teacher and discriminator backbone)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import argparse
 
 def _train_teacher(args: argparse.Namespace) -> int:
     from .teacher import run
+    return run(args)
+
+
+def _train_backbone(args: argparse.Namespace) -> int:
+    from .backbone import run
     return run(args)
 
 
@@ -23,10 +28,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
-    toy = sub.add_parser("toy", help="the procedural toy world: train its teacher",
+    toy = sub.add_parser("toy", help="the procedural toy world: train its teacher or its DINOv2",
                          description="Tools of the procedural toy world (the embedded default).")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOOL", required=True)
     from .teacher import add_arguments
     p = toy_sub.add_parser("train-teacher", help="train the toy SD3 teacher on procedural images (resumable)")
     add_arguments(p)
     p.set_defaults(func=_train_teacher)
+    from .backbone import add_arguments as backbone_arguments
+    p = toy_sub.add_parser("train-backbone", help="pretrain the toy DINOv2 of the VFM discriminator (masked image "
+                                                  "modelling on procedural images, no labels)")
+    backbone_arguments(p)
+    p.set_defaults(func=_train_backbone)

@@ -238,7 +238,7 @@ def report(results: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (metrics.json, grid.png, curves.png, run/)")
-    p.add_argument("--method", default="senseflow", choices=["senseflow", "dmd2", "sid"])
+    p.add_argument("--method", default="senseflow", choices=["senseflow", "dmd2", "sid", "senseflow_vfm"])
     p.add_argument("--steps", type=int, default=4, choices=sorted(STUDENT_ANCHORS), help="student sampling steps")
     p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the recipe's)")
     p.add_argument("--eval-prompts", type=int, default=64, help="evaluation prompts (x 4 seeds)")
