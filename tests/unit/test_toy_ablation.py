@@ -45,7 +45,7 @@ def test_report_takes_mean_std_best_and_drop_over_seeds(ablation, tmp_path, caps
     teacher = {"32": {"cfg": 3.0, "nfe": 64, "attr_acc": 0.9, "fd_real": 5.0},
                "4": {"cfg": 3.0, "nfe": 8, "attr_acc": 0.5, "fd_real": 50.0, "fd_teacher": 20.0}}
     (tmp_path / "teacher.json").write_text(json.dumps(teacher))
-    for seed, accs in enumerate([[0.2, 0.8, 0.6], [0.2, 0.7, 0.7], [0.2, 0.6, 0.5]]):
+    for seed, accs in enumerate([[0.9, 0.8, 0.6], [0.9, 0.7, 0.7], [0.9, 0.6, 0.5]]):
         (tmp_path / "dmd2").mkdir(exist_ok=True)
         (tmp_path / "dmd2" / f"seed{seed}.json").write_text(json.dumps(_run("dmd2", seed, accs)))
     ablation.report(type("A", (), {"out": str(tmp_path)})())
@@ -53,8 +53,9 @@ def test_report_takes_mean_std_best_and_drop_over_seeds(ablation, tmp_path, caps
     row = next(line for line in table.splitlines() if line.startswith("| DMD2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == "3"
-    assert cells[4] == "0.600 +- 0.100"  # final: 0.6, 0.7, 0.5
-    assert cells[5] == "0.700 +- 0.100"  # best: 0.8, 0.7, 0.6
-    assert cells[6] == "0.100 +- 0.100"  # drop: 0.2, 0.0, 0.1
+    assert cells[4] == "0.900"  # iteration 0, the same for every seed
+    assert cells[5] == "0.600 +- 0.100"  # final: 0.6, 0.7, 0.5
+    assert cells[6] == "0.700 +- 0.100"  # best after iteration 0: 0.8, 0.7, 0.6
+    assert cells[7] == "0.100 +- 0.100"  # drop: 0.2, 0.0, 0.1
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "teacher, Euler, CFG 3 | 32 |" in table

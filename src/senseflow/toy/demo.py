@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -115,7 +116,10 @@ def make_comparison_grid(columns: dict[str, torch.Tensor], prompts: list[str], r
     for j, name in enumerate(names):
         draw.text((4 + j * cell, 3), name, fill="black")
     for i in range(rows):
-        draw.text((grid.shape[1] + 6, header + 4 + i * cell + cell // 2 - 6), prompts[i][:75], fill="black")
+        lines = textwrap.wrap(prompts[i], width=70)  # long two-shape captions must stay readable, not cut off
+        top = header + 4 + i * cell + cell // 2 - 6 * len(lines)
+        for k, line in enumerate(lines):
+            draw.text((grid.shape[1] + 6, top + 12 * k), line, fill="black")
     return np.asarray(canvas)
 
 

@@ -81,6 +81,37 @@ def load_toy_teacher(folder: str | os.PathLike | None = None, device: torch.devi
                                       load_text_encoders=load_text_encoders, max_sequence_length=0)
 
 
+# The issue's quality bar for the toy teacher: attribute accuracy at 32 Euler steps with CFG.
+QUALITY_BAR = 0.90
+QUALITY_SETTING = {"steps": 32, "cfg": 3.0}
+
+
+@torch.no_grad()
+def teacher_quality(settings: Sequence[tuple[int, float]] = ((32, 3.0),), num_prompts: int = 64, seed: int = 0,
+                    folder: str | os.PathLike | None = None) -> list[dict]:
+    """Evaluator metrics of a toy teacher per ``(Euler steps, CFG)`` on the fixed evaluation prompts.
+
+    One sample per prompt from noise seed ``seed``: the setting the shipped teacher's quality is
+    quoted in (docs/toy.md), shared by ``benchmarks/toy_teacher_quality.py`` and the test of the bar.
+    """
+    from ..sampling import sample_ode
+    from ..teachers.base import Denoiser, Guidance
+    from .evaluator import ToyEvaluator
+    from .world import evaluation_prompts
+
+    adapter, backbone = load_toy_teacher(folder)
+    teacher = Denoiser(backbone.eval(), adapter)
+    evaluator = ToyEvaluator.load()
+    prompts = evaluation_prompts(num_prompts)
+    cond = adapter.encode_prompts(prompts)
+    noise = torch.randn(num_prompts, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
+    results = []
+    for steps, cfg in settings:
+        images = adapter.decode(sample_ode(teacher, noise, cond, steps, Guidance(cfg=cfg))).clamp(-1, 1)
+        results.append({"steps": steps, "cfg": cfg, **evaluator.evaluate(images, prompts)})
+    return results
+
+
 def _save_transformer_atomically(model: nn.Module, folder: Path) -> None:
     tmp = folder / "transformer.tmp"
     if tmp.exists():
