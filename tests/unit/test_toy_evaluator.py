@@ -79,6 +79,30 @@ def test_single_wrong_attribute_is_caught(evaluator, field, value):
     assert evaluator.attribute_accuracy(image, [Scene((true,), "white")])["exact"] == 1.0
 
 
+def test_open_prompts_are_judged_wherever_the_shapes_are(evaluator, fresh):
+    images, _, scenes = fresh
+    opened = [s.without_positions() for s in scenes[:256]]
+    right = evaluator.attribute_accuracy(images[:256], opened)
+    assert right["attr_acc"] >= 0.99 and right["exact"] >= 0.97, right
+    # the shapes' order in an open prompt does not matter: each is matched to the cell that agrees
+    swapped = [Scene(tuple(reversed(s.shapes)), s.background) for s in opened]
+    assert evaluator.attribute_accuracy(images[:256], swapped)["attr_acc"] >= 0.99
+    wrong = evaluator.attribute_accuracy(images[:256], [s.without_positions() for s in scenes[1:257]])
+    assert wrong["attr_acc"] < right["attr_acc"] - 0.3, wrong
+
+
+@pytest.mark.parametrize("field, value", [("color", "green"), ("shape", "cross"), ("size", "large")])
+def test_open_prompt_catches_a_wrong_attribute_and_a_missing_shape(evaluator, field, value):
+    true = ShapeSpec("circle", "red", "small", None)
+    image = render_batch([Scene((true,), "white")], generator=random.Random(0))
+    wrong = ShapeSpec(**{**true.__dict__, field: value})
+    acc = evaluator.attribute_accuracy(image, [Scene((wrong,), "white").caption()])
+    assert acc[field] == 0.0 and acc["position"] == 1.0 and acc["exact"] == 0.0
+    two = Scene((true, ShapeSpec("square", "blue", "large", None)), "white")
+    acc = evaluator.attribute_accuracy(image, [two])  # one shape drawn, two asked for
+    assert acc["position"] == 0.5 and acc["count"] == 0.0
+
+
 def test_frechet_distance_is_zero_on_itself_and_grows_with_distribution_shift(evaluator):
     prompts = evaluation_prompts(64) * 2
     real_a = evaluator.reference_images(prompts)

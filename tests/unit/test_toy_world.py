@@ -79,7 +79,7 @@ def test_caption_examples():
 @pytest.mark.parametrize("caption, needle", [
     ("a small red dog in the top left on a white background", "dog"),
     ("a small red circle in the top left on a white background please", "please"),
-    ("a small red circle on a white background", "position"),
+    ("a small red circle at the left on a white background", "found 'at'"),
     ("a red small circle in the top left on a white background", "size"),
     ("a small red circle in the top left", "early"),
     ("a small red circle in the top left on a white background background", "after"),
@@ -201,3 +201,49 @@ def test_text_encoder_is_seeded_and_saves_and_loads(tmp_path):
     assert not any(p.requires_grad for p in enc.parameters())
     # the pooled embedding is read at EOS, so different prompts give different embeddings
     assert torch.cdist(a.text_embeds, a.text_embeds).triu(1)[0, 1:].min() > 1e-3
+
+
+def test_open_captions_leave_positions_out_and_round_trip():
+    scene = Scene((ShapeSpec("circle", "red", "small", "top left"), ShapeSpec("square", "blue", "large", "center")),
+                  "white")
+    opened = scene.without_positions()
+    assert opened.caption() == "a small red circle and a large blue square on a white background"
+    assert parse_caption(opened.caption()) == opened
+    assert all(s.position is None for s in opened.shapes)
+    with pytest.raises(ValueError, match="open position"):
+        opened.shapes[0].cell
+
+
+def test_open_scenes_render_in_distinct_random_cells():
+    opened = parse_caption("a large red circle and a large blue square on a white background")
+    rng = random.Random(0)
+    layouts = set()
+    for _ in range(12):
+        image = render_batch([opened], generator=rng)[0]
+        red = ((image[0] > 0.4) & (image[2] < -0.4)).float()  # red pixels on white
+        blue = ((image[2] > 0.4) & (image[0] < -0.4)).float()
+        cell = lambda m: int(m.nonzero().float().mean(0).div(32 / 3).floor().mul(torch.tensor([3, 1])).sum())
+        assert red.sum() > 20 and blue.sum() > 20
+        assert cell(red) != cell(blue)
+        layouts.add((cell(red), cell(blue)))
+    assert len(layouts) >= 4  # one prompt, many layouts
+    assert torch.equal(render_batch([opened])[0], render_batch([opened])[0])  # canonical stays deterministic
+
+
+def test_world_opens_the_requested_fraction_of_captions_and_keeps_the_default_stream():
+    default, zero = ToyWorld(5).batch(16, 3), ToyWorld(5, open_positions=0.0).batch(16, 3)
+    assert torch.equal(default[0], zero[0]) and default[1] == zero[1]
+    images, captions, scenes = ToyWorld(5, open_positions=1.0).batch(16, 3)
+    assert torch.equal(images[:1], default[0][:1])  # item 0 is drawn before its caption's coin
+    for caption, scene in zip(captions, scenes):
+        assert parse_caption(caption) == scene.without_positions()
+    half = ToyWorld(5, open_positions=0.5).prompts(200, 0)
+    n_open = sum(all(s.position is None for s in parse_caption(c).shapes) for c in half)
+    assert 70 <= n_open <= 130
+    with pytest.raises(ValueError, match="probability"):
+        ToyWorld(5, open_positions=1.5)
+
+
+def test_open_evaluation_prompts_are_the_fixed_set_without_positions():
+    closed, opened = evaluation_prompts(32), evaluation_prompts(32, open_positions=True)
+    assert opened == [parse_caption(c).without_positions().caption() for c in closed]

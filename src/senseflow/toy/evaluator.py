@@ -16,7 +16,8 @@ Metric definitions (all computed by :meth:`ToyEvaluator.evaluate`):
 * ``attr_acc``: mean over every attribute check of every prompt.  Per shape named in the prompt:
   ``position`` (its cell is predicted occupied), ``shape`` (the cell's 6-way prediction is that
   shape), ``color`` and ``size`` (cell occupied *and* the head agrees; an absent shape fails all
-  four).  Per prompt: ``background`` and ``count`` (exactly as many cells occupied as shapes named,
+  four).  A shape whose prompt leaves the position open is judged in the best-matching occupied
+  cell that no other named shape claims (``position`` then means "it is there at all").  Per prompt: ``background`` and ``count`` (exactly as many cells occupied as shapes named,
   so extra shapes are penalised).  ``exact`` is the fraction of images passing all their checks.
 * ``fd_real``: Fréchet distance (torchmetrics ``FrechetInceptionDistance`` with this classifier's
   144-d penultimate features, 9 cells x 16, instead of Inception's) between the images and *real*
@@ -237,12 +238,12 @@ class ToyEvaluator:
         checks["exact"] = []
         for i, scene in enumerate(scenes):
             ok_all = True
-            for s in scene.shapes:
-                c = s.cell
-                present = shape_pred[i][c] > 0
+            cells = self._assign_cells(scene, shape_pred[i], color_pred[i], size_pred[i])
+            for s, c in zip(scene.shapes, cells):
+                present = c is not None and shape_pred[i][c] > 0
                 results = {
                     "position": present,
-                    "shape": shape_pred[i][c] == 1 + SHAPES.index(s.shape),
+                    "shape": present and shape_pred[i][c] == 1 + SHAPES.index(s.shape),
                     "color": present and color_pred[i][c] == colors.index(s.color),
                     "size": present and size_pred[i][c] == SIZES.index(s.size),
                 }
@@ -255,6 +256,33 @@ class ToyEvaluator:
             checks["count"].append(count_ok)
             checks["exact"].append(ok_all and bg_ok and count_ok)
         return checks
+
+    @staticmethod
+    def _assign_cells(scene: Scene, shape_pred: list[int], color_pred: list[int],
+                      size_pred: list[int]) -> list[int | None]:
+        """The cell each named shape is judged in.
+
+        A positioned shape: its own cell.  A shape whose prompt left the position open: the occupied
+        cell, not claimed by a positioned or an earlier open shape, that agrees with it on the most
+        of shape / colour / size (first in reading order on ties); None when no occupied cell is
+        left -- then all four of its checks fail, as for a missing positioned shape.
+        """
+        claimed = {s.cell for s in scene.shapes if s.position is not None}
+        free = [c for c in range(N_CELLS) if shape_pred[c] > 0 and c not in claimed]
+        colors = list(COLORS)
+        cells: list[int | None] = []
+        for s in scene.shapes:
+            if s.position is not None:
+                cells.append(s.cell)
+                continue
+            if not free:
+                cells.append(None)
+                continue
+            best = max(free, key=lambda c: (shape_pred[c] == 1 + SHAPES.index(s.shape))
+                       + (color_pred[c] == colors.index(s.color)) + (size_pred[c] == SIZES.index(s.size)))
+            free.remove(best)
+            cells.append(best)
+        return cells
 
     def attribute_accuracy(self, images: Tensor, prompts: Sequence[str | Scene]) -> dict[str, float]:
         """Per-check accuracies (position, shape, color, size, background, count), ``attr_acc``

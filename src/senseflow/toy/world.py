@@ -19,6 +19,14 @@ Captions follow one deterministic grammar, e.g. ``"a small red circle in the top
 background"`` or ``"a large blue square in the center and a small green triangle in the bottom
 right on a black background"``; :func:`parse_caption` inverts it.
 
+*Open* captions leave the positions out (``"a small red circle and a large blue square on a white
+background"``): the shapes may then stand in any distinct cells, so one prompt has many layouts.
+Fully specified prompts make each conditional distribution nearly unimodal, and then even a 4-step
+Euler sampler is almost as good as 32 steps (docs/toy.md measures it); open prompts bring back the
+multimodality that makes few-step sampling hard for real text-to-image teachers.  ``ToyWorld``
+opens a fraction ``open_positions`` of its captions (default 0: the stream the shipped teacher was
+trained on), and ``evaluation_prompts(..., open_positions=True)`` gives an open evaluation set.
+
 A scene (the semantic attributes) does not fix the pixels: the training stream (:class:`ToyWorld`)
 adds a small random *placement* per shape (offset inside its cell, size and colour shade), so each
 prompt has a genuine distribution of images and a collapsed student shows up as lost diversity.
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence, Union
 
 import torch
@@ -101,26 +109,34 @@ _WINDOW_HALF = 6.0
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One shape's semantic attributes (what a caption says about it)."""
+    """One shape's semantic attributes (what a caption says about it).
+
+    ``position=None`` is a shape whose caption leaves the position open (any free cell will do).
+    """
 
     shape: str
     color: str
     size: str
-    position: str
+    position: str | None
 
     def __post_init__(self) -> None:
         for value, allowed, name in ((self.shape, SHAPES, "shape"), (self.color, COLORS, "color"),
-                                     (self.size, SIZES, "size"), (self.position, POSITIONS, "position")):
+                                     (self.size, SIZES, "size")):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+        if self.position is not None and self.position not in POSITIONS:
+            raise ValueError(f"unknown position {self.position!r}; expected one of {list(POSITIONS)} or None")
 
     @property
     def cell(self) -> int:
         """Grid cell index 0..8 in reading order (row-major, top left first)."""
+        if self.position is None:
+            raise ValueError(f"the {self.shape} has an open position (no cell)")
         return POSITIONS.index(self.position)
 
     def phrase(self) -> str:
-        return f"a {self.size} {self.color} {self.shape} {POSITION_PHRASES[self.position]}"
+        head = f"a {self.size} {self.color} {self.shape}"
+        return head if self.position is None else f"{head} {POSITION_PHRASES[self.position]}"
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,7 @@ class Scene:
     def __post_init__(self) -> None:
         if not 1 <= len(self.shapes) <= MAX_SHAPES:
             raise ValueError(f"a scene has 1..{MAX_SHAPES} shapes, got {len(self.shapes)}")
-        cells = [s.cell for s in self.shapes]
+        cells = [s.cell for s in self.shapes if s.position is not None]
         if len(set(cells)) != len(cells):
             raise ValueError(f"two shapes share the position {self.shapes[0].position!r}")
         if self.background not in BACKGROUNDS:
@@ -142,6 +158,10 @@ class Scene:
     def caption(self) -> str:
         """The one caption the grammar assigns to this scene (inverse of :func:`parse_caption`)."""
         return " and ".join(s.phrase() for s in self.shapes) + f" on a {self.background} background"
+
+    def without_positions(self) -> "Scene":
+        """The same scene as an open prompt: every position left to the sampler (shape order kept)."""
+        return Scene(shapes=tuple(replace(s, position=None) for s in self.shapes), background=self.background)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,25 +220,42 @@ def _cell_centre(cell: int) -> tuple[float, float]:
     return (col + 0.5) * _CELL, (row + 0.5) * _CELL
 
 
+def _cells(scene: Scene, rng: Rng | None) -> list[int]:
+    """A cell per shape: its own, or for an open position a free cell (random, or the first free
+    one in reading order when ``rng`` is None).  Scenes with every position given draw nothing
+    from ``rng``, so the streams of fully specified scenes are unchanged by open-prompt support."""
+    taken = {s.cell for s in scene.shapes if s.position is not None}
+    cells = []
+    for s in scene.shapes:
+        if s.position is None:
+            free = [c for c in range(len(POSITIONS)) if c not in taken]
+            cell = free[0] if rng is None else free[_randbelow(rng, len(free))]
+            taken.add(cell)
+        else:
+            cell = s.cell
+        cells.append(cell)
+    return cells
+
+
 def _canonical_placements(scene: Scene) -> list[_Placement]:
     out = []
-    for s in scene.shapes:
-        cx, cy = _cell_centre(s.cell)
-        out.append(_Placement(s.cell, SHAPES.index(s.shape), cx, cy, _HALF_CANONICAL[s.size], COLORS[s.color]))
+    for s, cell in zip(scene.shapes, _cells(scene, None)):
+        cx, cy = _cell_centre(cell)
+        out.append(_Placement(cell, SHAPES.index(s.shape), cx, cy, _HALF_CANONICAL[s.size], COLORS[s.color]))
     return out
 
 
 def _sample_placements(scene: Scene, rng: Rng) -> list[_Placement]:
     """Random offset (inside the cell), size and colour shade per shape; the semantics stay fixed."""
     out = []
-    for s in scene.shapes:
-        cx, cy = _cell_centre(s.cell)
+    for s, cell in zip(scene.shapes, _cells(scene, rng)):
+        cx, cy = _cell_centre(cell)
         off = _OFFSET[s.size]
         dx, dy = _uniform(rng, -off, off), _uniform(rng, -off, off)
         half = _uniform(rng, *_HALF_RANGE[s.size])
         rgb = tuple(min(1.0, max(0.0, c + _uniform(rng, -_COLOR_JITTER, _COLOR_JITTER)))
                     for c in COLORS[s.color])
-        out.append(_Placement(s.cell, SHAPES.index(s.shape), cx + dx, cy + dy, half, rgb))  # type: ignore[arg-type]
+        out.append(_Placement(cell, SHAPES.index(s.shape), cx + dx, cy + dy, half, rgb))  # type: ignore[arg-type]
     return out
 
 
@@ -318,32 +355,38 @@ class ToyWorld:
     different ranks can read disjoint indices.  No state is kept between calls.
     """
 
-    def __init__(self, seed: int, resolution: int = 32) -> None:
+    def __init__(self, seed: int, resolution: int = 32, open_positions: float = 0.0) -> None:
+        if not 0.0 <= open_positions <= 1.0:
+            raise ValueError(f"open_positions is a probability, got {open_positions}")
         self.seed = int(seed)
         self.resolution = int(resolution)
+        self.open_positions = float(open_positions)
 
     def _rng(self, index: int) -> random.Random:
         return random.Random(derive_seed("senseflow.toy.world", self.seed, int(index)))
 
-    def _draw(self, n: int, index: int) -> tuple[list[Scene], list[list[_Placement]]]:
+    def _draw(self, n: int, index: int) -> tuple[list[Scene], list[list[_Placement]], list[str]]:
         rng = self._rng(index)
-        scenes, placements = [], []
-        for _ in range(n):  # scene then placement per item: item k does not depend on n
+        scenes, placements, captions = [], [], []
+        for _ in range(n):  # scene, placement, caption per item: item k does not depend on n
             scene = sample_scene(rng)
             scenes.append(scene)
             placements.append(_sample_placements(scene, rng))
-        return scenes, placements
+            # no draw at all when nothing is opened: the default stream stays bit-identical
+            opened = self.open_positions > 0 and rng.random() < self.open_positions
+            captions.append((scene.without_positions() if opened else scene).caption())
+        return scenes, placements, captions
 
     def batch(self, n: int, index: int) -> tuple[Tensor, list[str], list[Scene]]:
-        """``(images [n,3,R,R] in [-1,1], captions, scenes)`` for batch ``index``."""
-        scenes, placements = self._draw(n, index)
+        """``(images [n,3,R,R] in [-1,1], captions, scenes)`` for batch ``index``; ``scenes`` are
+        what was drawn (every position known) even where the caption leaves positions open."""
+        scenes, placements, captions = self._draw(n, index)
         images = _render_placements(placements, [s.background for s in scenes], self.resolution)
-        return images, [s.caption() for s in scenes], scenes
+        return images, captions, scenes
 
     def prompts(self, n: int, index: int) -> list[str]:
         """The captions of ``batch(n, index)`` without rendering (for data-free distillation)."""
-        scenes, _ = self._draw(n, index)
-        return [s.caption() for s in scenes]
+        return self._draw(n, index)[2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,12 +421,12 @@ def parse_caption(caption: str) -> Scene:
         color = _expect(words, i + 2, list(COLORS), "a colour", caption)
         shape = _expect(words, i + 3, SHAPES, "a shape", caption)
         i += 4
-        for phrase, position in sorted(_PHRASE_TO_POSITION.items(), key=lambda kv: -len(kv[0])):
+        position = None  # an open caption names no position
+        for phrase, where in sorted(_PHRASE_TO_POSITION.items(), key=lambda kv: -len(kv[0])):
             if tuple(words[i:i + len(phrase)]) == phrase:
                 i += len(phrase)
+                position = where
                 break
-        else:
-            raise ValueError(f"expected a position phrase after word {i}: {caption!r}")
         shapes.append(ShapeSpec(shape=shape, color=color, size=size, position=position))
         if i < len(words) and words[i] == "and":
             i += 1
@@ -405,12 +448,13 @@ def _balanced(values: Sequence, n: int, rng: random.Random) -> list:
     return out
 
 
-def evaluation_prompts(n: int = 64, seed: int = 1234) -> list[str]:
+def evaluation_prompts(n: int = 64, seed: int = 1234, open_positions: bool = False) -> list[str]:
     """A fixed evaluation prompt set: deterministic in ``(n, seed)``.
 
     Every attribute is drawn from a balanced, shuffled list, so for ``n >= 9`` every shape, colour,
     size, position and background value appears (as the first shape's attribute), and half the
     prompts have a second shape.  Fixed sets make scores comparable across runs and methods.
+    ``open_positions=True``: the same prompts with their positions left out.
     """
     if n < 1:
         raise ValueError("n must be positive")
@@ -429,5 +473,6 @@ def evaluation_prompts(n: int = 64, seed: int = 1234) -> list[str]:
             specs.append(ShapeSpec(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES),
                                    POSITIONS[other]))
         specs.sort(key=lambda s: s.cell)
-        prompts.append(Scene(shapes=tuple(specs), background=backgrounds[k]).caption())
+        scene = Scene(shapes=tuple(specs), background=backgrounds[k])
+        prompts.append((scene.without_positions() if open_positions else scene).caption())
     return prompts
