@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import BUILTIN_PREFIX, Config
+from .config import BUILTIN_PREFIX, TOY_WORLDS, Config
 from .data.prompts import PromptStream, load_prompts
 from .generator import FewStepGenerator
 from .methods import DistillationModels, Method, build_method
@@ -180,15 +180,14 @@ class PromptBatches:
         self.stream.load_state_dict(state)
 
 
-TOY_WORLD = "builtin:toy-world"
 
 
 def training_prompts(config: Config) -> list[str]:
     if config.paths.prompts is None:
         raise SenseflowError("paths.prompts is not set: give a prompt file (one prompt per line)")
-    if config.paths.prompts == TOY_WORLD:
+    if config.paths.prompts in TOY_WORLDS:
         from .toy.world import evaluation_prompts
-        return evaluation_prompts()
+        return evaluation_prompts(open_positions=TOY_WORLDS[config.paths.prompts] > 0)
     return load_prompts(config.paths.prompts)
 
 
@@ -200,9 +199,10 @@ def build_data(config: Config, adapter: ModelAdapter, device: torch.device, rank
     source = data_source(config, adapter, device, rank, world_size)
     if source is not None:
         return source
-    if config.paths.prompts == TOY_WORLD:
+    if config.paths.prompts in TOY_WORLDS:
         from .toy.data import ToyWorldBatches
-        return ToyWorldBatches(adapter, config.train.batch_size, config.train.seed, device, rank, world_size)
+        return ToyWorldBatches(adapter, config.train.batch_size, config.train.seed, device, rank, world_size,
+                               open_positions=TOY_WORLDS[config.paths.prompts])
     stream = PromptStream(training_prompts(config), config.train.batch_size, derive_seed(config.train.seed, "data"),
                           rank, world_size)
     return PromptBatches(stream, adapter, device)
@@ -214,7 +214,7 @@ def build_samples(config: Config, adapter: ModelAdapter, device: torch.device) -
     spec = sample_spec(config, adapter, device)  # from the cache (no text encoders) / image-text / LMDB data
     if spec is not None:
         return spec
-    if config.paths.eval_prompts and config.paths.eval_prompts != TOY_WORLD:
+    if config.paths.eval_prompts and config.paths.eval_prompts not in TOY_WORLDS:
         prompts = load_prompts(config.paths.eval_prompts)
     else:
         prompts = training_prompts(config)

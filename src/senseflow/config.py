@@ -24,6 +24,9 @@ from .teachers.base import SenseflowError
 from .train.distributed import ParallelConfig
 
 BUILTIN_PREFIX = "builtin:"
+#: The procedural prompt sources and the fraction of their captions that leave positions open
+#: (senseflow.toy.world: open prompts are multimodal, as real text-to-image prompts are).
+TOY_WORLDS: dict[str, float] = {"builtin:toy-world": 0.0, "builtin:toy-world-open": 0.5}
 
 
 class PathsConfig(StrictModel):
@@ -31,7 +34,8 @@ class PathsConfig(StrictModel):
 
     teacher: str = Field(description="local diffusers folder of the teacher, or builtin:<name> (builtin:toy)")
     prompts: str | None = Field(None, description="training prompts: .txt (one per line), .json or .csv; "
-                                "builtin:toy-world = procedural prompts with real images")
+                                "builtin:toy-world = procedural prompts with real images; "
+                                "builtin:toy-world-open = the same with half of the captions leaving positions open")
     eval_prompts: str | None = Field(None, description="prompts for sample grids (default: the first training prompts)")
     image_text: str | None = Field(None, description="SenseFlow image-text JSON {keys, image_paths, prompts}: real "
                                    "images, resized + centre-cropped to teacher.resolution (docs/data.md)")
@@ -167,8 +171,8 @@ class Config(StrictModel):
             raise SenseflowError(f"paths.teacher: {teacher!r} is not a directory; point it at a local diffusers folder")
         for key in ("prompts", "eval_prompts"):
             value = getattr(self.paths, key)
-            if value is not None and value.startswith(BUILTIN_PREFIX) and value != "builtin:toy-world":
-                raise SenseflowError(f"paths.{key}: unknown built-in {value!r} (available: builtin:toy-world)")
+            if value is not None and value.startswith(BUILTIN_PREFIX) and value not in TOY_WORLDS:
+                raise SenseflowError(f"paths.{key}: unknown built-in {value!r} (available: {', '.join(TOY_WORLDS)})")
             if value is not None and not value.startswith(BUILTIN_PREFIX) and not Path(value).is_file():
                 raise SenseflowError(f"paths.{key}: file {value!r} not found")
         if self.paths.image_text is not None and not Path(self.paths.image_text).is_file():

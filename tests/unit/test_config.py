@@ -40,6 +40,7 @@ BAD = {
     "custom without factory": (["teacher.factory=null"], "teacher.factory"),
     "bad sampler": (["generator.sampler=heun"], "generator.sampler"),
     "negative isg weight": (["method.isg_weight=-1"], "method.isg_weight"),
+    "unknown built-in prompts": (["paths.prompts=builtin:toy-wrld"], "builtin:toy-world-open"),
 }
 
 

@@ -60,3 +60,27 @@ def test_shipped_teacher_meets_the_quality_bar():
     (r,) = teacher_quality([(QUALITY_SETTING["steps"], QUALITY_SETTING["cfg"])])
     assert r["attr_acc"] >= QUALITY_BAR - 0.01, r
     assert min(r["color"], r["position"], r["background"]) >= 0.95, r
+
+
+def test_init_from_a_folder_that_is_not_a_teacher_is_one_line_and_writes_nothing(tmp_path):
+    from senseflow.toy.teacher import main
+
+    with pytest.raises(SystemExit, match="not a toy teacher folder"):
+        main(["--out", str(tmp_path / "ft"), "--init", str(tmp_path), "--steps", "1"])
+    assert not (tmp_path / "ft").exists() and not list(tmp_path.glob(".ft*"))
+
+
+def test_fine_tuning_on_open_captions_starts_from_the_given_teacher(tmp_path):
+    from senseflow.toy.teacher import main
+
+    base = create_teacher_folder(tmp_path / "base", seed=0, **TINY)
+    before = load_file(str(base / "transformer" / "diffusion_pytorch_model.safetensors"))
+    out = tmp_path / "ft"
+    assert main(["--out", str(out), "--init", str(base), "--steps", "2", "--batch-size", "4",
+                 "--open-positions", "1.0", "--save-every", "100"]) == 0
+    after = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    # EMA 0.999 of two steps: still the base weights to within what two small updates can move
+    assert all((after[k] - before[k]).abs().max() < 1e-3 for k in before)
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+    record = json.loads((out / "training.json").read_text())
+    assert "--open-positions 1.0" in record["command"] and f"--init {base}" in record["command"]

@@ -41,6 +41,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from ..config import TOY_WORLDS
 from ..teachers.base import Conditioning, ModelAdapter, SenseflowError
 
 FORMAT = "senseflow-cache"
@@ -200,8 +201,8 @@ def source_items(config, check_images: str = "header"):
     if key == "lmdb":
         from .lmdb_data import LmdbItems, LmdbLatents
         return LmdbItems(LmdbLatents(value))
-    if value == "builtin:toy-world":
-        raise SenseflowError("paths.prompts builtin:toy-world draws images on the fly and cannot be cached; "
+    if value in TOY_WORLDS:
+        raise SenseflowError(f"paths.prompts {value} draws images on the fly and cannot be cached; "
                              "train from it directly")
     from .prompts import load_prompts
     return PromptItems(load_prompts(value), value)
@@ -211,9 +212,9 @@ def _eval_prompts(config) -> list[str] | None:
     path = config.paths.eval_prompts
     if path is None:
         return None
-    if path == "builtin:toy-world":
+    if path in TOY_WORLDS:
         from ..toy.world import evaluation_prompts
-        return evaluation_prompts()[:MAX_EVAL_PROMPTS]
+        return evaluation_prompts(open_positions=TOY_WORLDS[path] > 0)[:MAX_EVAL_PROMPTS]
     from .prompts import load_prompts
     return load_prompts(path)[:MAX_EVAL_PROMPTS]
 

@@ -16,8 +16,8 @@ from .world import ToyWorld
 
 class ToyWorldBatches:
     def __init__(self, adapter: ModelAdapter, batch_size: int, seed: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1, with_images: bool = True) -> None:
-        self.world = ToyWorld(seed=derive_seed(seed, "toy-distill-data") % (2 ** 31))
+                 rank: int = 0, world_size: int = 1, with_images: bool = True, open_positions: float = 0.0) -> None:
+        self.world = ToyWorld(seed=derive_seed(seed, "toy-distill-data") % (2 ** 31), open_positions=open_positions)
         self.adapter, self.batch_size, self.device = adapter, batch_size, device
         self.rank, self.world_size = rank, world_size
         self.with_images = with_images

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import load_config
+from ..config import TOY_WORLDS, load_config
 from ..images import make_grid, save_png
 from ..rng import derive_seed
 from ..sampling import sample_ode
@@ -38,10 +38,11 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 class EvalSet:
     """Fixed prompts x seeds and fixed noise, so every model is judged on identical inputs."""
 
-    def __init__(self, adapter, num_prompts: int, per_prompt: int, seed: int, device: torch.device) -> None:
+    def __init__(self, adapter, num_prompts: int, per_prompt: int, seed: int, device: torch.device,
+                 open_positions: bool = False) -> None:
         from .world import evaluation_prompts
 
-        base = evaluation_prompts(num_prompts)
+        base = evaluation_prompts(num_prompts, open_positions=open_positions)
         self.prompts = [p for p in base for _ in range(per_prompt)]
         self.cond = adapter.encode_prompts(self.prompts).to(device)
         g = torch.Generator().manual_seed(derive_seed(seed, "demo-eval-noise"))
@@ -170,10 +171,14 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
     tracker = StudentTracker(evaluator, config.generator.sampler, eval_every)
     trainer = api.build_trainer(config, resume="auto", hooks=TrainerHooks(on_step=[tracker]))
     teacher = trainer.method.models.teacher
-    evalset = tracker.evalset = EvalSet(teacher.adapter, eval_prompts, per_prompt, seed, trainer.device)
+    # a world with open captions is judged on open prompts: that is where few-step sampling is hard
+    open_positions = TOY_WORLDS.get(config.paths.prompts or "", 0.0) > 0
+    evalset = tracker.evalset = EvalSet(teacher.adapter, eval_prompts, per_prompt, seed, trainer.device,
+                                        open_positions=open_positions)
 
-    print(f"[1/3] teacher baselines on {len(evalset.prompts)} samples ({eval_prompts} prompts x {per_prompt} seeds), "
-          f"CFG {cfg_scale}", flush=True)
+    kind = "open " if open_positions else ""
+    print(f"[1/3] teacher baselines on {len(evalset.prompts)} samples ({eval_prompts} {kind}prompts x {per_prompt} "
+          f"seeds), CFG {cfg_scale}", flush=True)
     teacher32, spi32 = sample_teacher(teacher, evalset, 32, cfg_scale)
     tracker.reference = teacher32
     teacher4, spi4 = sample_teacher(teacher, evalset, 4, cfg_scale)

@@ -127,10 +127,12 @@ def _save_transformer_atomically(model: nn.Module, folder: Path) -> None:
 
 def train_teacher(folder: str | os.PathLike, steps: int, batch_size: int = 64, lr: float = 1e-3,
                   seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999, warmup: int = 200,
-                  save_every: int = 500, progress: bool = True, stop_at: int | None = None) -> dict:
+                  save_every: int = 500, progress: bool = True, stop_at: int | None = None,
+                  open_positions: float = 0.0) -> dict:
     """Rectified-flow training (velocity target, shifted logit-normal(0, 1) t, caption dropout for CFG).
 
-    ``stop_at`` ends this invocation early (after a checkpoint) without changing the LR schedule,
+    ``open_positions``: the fraction of captions that leave the positions out (``ToyWorld``); 0 is
+    the stream the first shipped teacher learned.  ``stop_at`` ends this invocation early (after a checkpoint) without changing the LR schedule,
     which is set by ``steps``: a time-boxed run, resumed later, trains exactly like a straight one.
 
     Resumable: the EMA weights are saved into ``folder/transformer`` every ``save_every`` steps
@@ -157,7 +159,7 @@ def train_teacher(folder: str | os.PathLike, steps: int, batch_size: int = 64, l
             g.set_state(state["rng"])
         else:
             g.manual_seed(derive_seed(seed, "teacher-noise", start))
-    world = ToyWorld(seed=derive_seed(seed, "teacher-data") % (2 ** 31))
+    world = ToyWorld(seed=derive_seed(seed, "teacher-data") % (2 ** 31), open_positions=open_positions)
     schedule = RectifiedFlow(shift=SCHEDULER_SHIFT)
     empty = adapter.unconditional(1)
     losses: list[float] = []
@@ -220,16 +222,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (after a checkpoint) at this step; rerun the same command to continue")
+    p.add_argument("--open-positions", type=float, default=0.0,
+                   help="fraction of captions that leave the shapes' positions out (multimodal prompts)")
+    p.add_argument("--init", default=None,
+                   help="start from this toy teacher folder (fine-tuning; 'shipped' = the packaged one) "
+                        "instead of a random initialisation; used only when --out does not exist yet")
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not (out / "transformer").is_dir():
-        create_teacher_folder(out, seed=args.seed)
+        if args.init:
+            source = TEACHER_ASSET if args.init == "shipped" else Path(args.init)
+            if not (source / "transformer").is_dir():
+                raise SystemExit(f"--init {args.init}: not a toy teacher folder (no transformer/); "
+                                 "pass a folder written by 'senseflow toy train-teacher' or 'shipped'")
+            tmp = out.with_name(f".{out.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("train_state.pt", "training.json"))
+            os.replace(tmp, out)
+        else:
+            create_teacher_folder(out, seed=args.seed)
     info = train_teacher(out, args.steps, args.batch_size, args.lr, args.seed, save_every=args.save_every,
-                         stop_at=args.stop_at)
-    record = {"command": f"senseflow toy train-teacher --out {args.out} --steps {args.steps} "
-                         f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}", **info}
+                         stop_at=args.stop_at, open_positions=args.open_positions)
+    command = (f"senseflow toy train-teacher --out {args.out} --steps {args.steps} --batch-size {args.batch_size} "
+               f"--lr {args.lr} --seed {args.seed}")
+    if args.open_positions:
+        command += f" --open-positions {args.open_positions}"
+    if args.init:
+        command += f" --init {args.init}"
+    record = {"command": command, **info}
     (out / "training.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record))
     return 0
