@@ -180,8 +180,6 @@ class PromptBatches:
         self.stream.load_state_dict(state)
 
 
-
-
 def training_prompts(config: Config) -> list[str]:
     if config.paths.prompts is None:
         raise SenseflowError("paths.prompts is not set: give a prompt file (one prompt per line)")

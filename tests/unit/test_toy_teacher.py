@@ -57,7 +57,8 @@ def test_shipped_teacher_meets_the_quality_bar():
     """
     from senseflow.toy.teacher import QUALITY_BAR, QUALITY_SETTING, teacher_quality
 
-    (r,) = teacher_quality([(QUALITY_SETTING["steps"], QUALITY_SETTING["cfg"])])
+    (r,) = teacher_quality()
+    assert (r["steps"], r["cfg"]) == QUALITY_SETTING == (32, 3.0)
     assert r["attr_acc"] >= QUALITY_BAR - 0.01, r
     assert min(r["color"], r["position"], r["background"]) >= 0.95, r
 

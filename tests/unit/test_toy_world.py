@@ -214,18 +214,23 @@ def test_open_captions_leave_positions_out_and_round_trip():
         opened.shapes[0].cell
 
 
+def _cell_of(mask: torch.Tensor) -> int:
+    """Grid cell (0..8, reading order) of the centroid of a 32x32 boolean mask."""
+    row, col = (mask.nonzero().float().mean(0) // (32 / 3)).long().tolist()
+    return 3 * row + col
+
+
 def test_open_scenes_render_in_distinct_random_cells():
     opened = parse_caption("a large red circle and a large blue square on a white background")
     rng = random.Random(0)
     layouts = set()
     for _ in range(12):
         image = render_batch([opened], generator=rng)[0]
-        red = ((image[0] > 0.4) & (image[2] < -0.4)).float()  # red pixels on white
-        blue = ((image[2] > 0.4) & (image[0] < -0.4)).float()
-        cell = lambda m: int(m.nonzero().float().mean(0).div(32 / 3).floor().mul(torch.tensor([3, 1])).sum())
+        red = (image[0] > 0.4) & (image[2] < -0.4)  # red pixels on white
+        blue = (image[2] > 0.4) & (image[0] < -0.4)
         assert red.sum() > 20 and blue.sum() > 20
-        assert cell(red) != cell(blue)
-        layouts.add((cell(red), cell(blue)))
+        assert _cell_of(red) != _cell_of(blue)
+        layouts.add((_cell_of(red), _cell_of(blue)))
     assert len(layouts) >= 4  # one prompt, many layouts
     assert torch.equal(render_batch([opened])[0], render_batch([opened])[0])  # canonical stays deterministic
 

@@ -17,8 +17,9 @@ Metric definitions (all computed by :meth:`ToyEvaluator.evaluate`):
   ``position`` (its cell is predicted occupied), ``shape`` (the cell's 6-way prediction is that
   shape), ``color`` and ``size`` (cell occupied *and* the head agrees; an absent shape fails all
   four).  A shape whose prompt leaves the position open is judged in the best-matching occupied
-  cell that no other named shape claims (``position`` then means "it is there at all").  Per prompt: ``background`` and ``count`` (exactly as many cells occupied as shapes named,
-  so extra shapes are penalised).  ``exact`` is the fraction of images passing all their checks.
+  cell that no other named shape claims (``position`` then means "it is there at all").  Per
+  prompt: ``background`` and ``count`` (exactly as many cells occupied as shapes named, so extra
+  shapes are penalised).  ``exact`` is the fraction of images passing all their checks.
 * ``fd_real``: Fréchet distance (torchmetrics ``FrechetInceptionDistance`` with this classifier's
   144-d penultimate features, 9 cells x 16, instead of Inception's) between the images and *real*
   procedural images of the same prompts (``parse_caption`` + ``render_batch`` with random placements from a

@@ -83,11 +83,11 @@ def load_toy_teacher(folder: str | os.PathLike | None = None, device: torch.devi
 
 # The issue's quality bar for the toy teacher: attribute accuracy at 32 Euler steps with CFG.
 QUALITY_BAR = 0.90
-QUALITY_SETTING = {"steps": 32, "cfg": 3.0}
+QUALITY_SETTING = (32, 3.0)  # (Euler steps, CFG scale)
 
 
 @torch.no_grad()
-def teacher_quality(settings: Sequence[tuple[int, float]] = ((32, 3.0),), num_prompts: int = 64, seed: int = 0,
+def teacher_quality(settings: Sequence[tuple[int, float]] = (QUALITY_SETTING,), num_prompts: int = 64, seed: int = 0,
                     folder: str | os.PathLike | None = None) -> list[dict]:
     """Evaluator metrics of a toy teacher per ``(Euler steps, CFG)`` on the fixed evaluation prompts.
 
@@ -132,8 +132,9 @@ def train_teacher(folder: str | os.PathLike, steps: int, batch_size: int = 64, l
     """Rectified-flow training (velocity target, shifted logit-normal(0, 1) t, caption dropout for CFG).
 
     ``open_positions``: the fraction of captions that leave the positions out (``ToyWorld``); 0 is
-    the stream the first shipped teacher learned.  ``stop_at`` ends this invocation early (after a checkpoint) without changing the LR schedule,
-    which is set by ``steps``: a time-boxed run, resumed later, trains exactly like a straight one.
+    the stream the shipped teacher learned.  ``stop_at`` ends this invocation early (after a
+    checkpoint) without changing the LR schedule, which is set by ``steps``: a time-boxed run,
+    resumed later, trains exactly like a straight one.
 
     Resumable: the EMA weights are saved into ``folder/transformer`` every ``save_every`` steps
     together with ``folder/train_state.pt`` (optimizer, raw weights, step; loaded weights-only).
