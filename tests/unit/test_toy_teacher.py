@@ -49,7 +49,7 @@ def test_shipped_teacher_is_an_sd3_folder_loaded_by_the_sd3_adapter():
 
 
 def test_shipped_teacher_meets_the_quality_bar():
-    """Attribute accuracy >= 0.90 at 32 Euler steps with CFG 3 on 64 evaluation prompts (measured 0.902).
+    """Attribute accuracy >= 0.90 at 32 Euler steps with CFG 3 on 64 evaluation prompts (measured 0.906).
 
     The tolerance of 0.01 (a handful of the several hundred checks) absorbs float differences between CPUs,
     which can flip a borderline sample; a teacher that really misses the bar is far below it
@@ -61,6 +61,16 @@ def test_shipped_teacher_meets_the_quality_bar():
     assert (r["steps"], r["cfg"]) == QUALITY_SETTING == (32, 3.0)
     assert r["attr_acc"] >= QUALITY_BAR - 0.01, r
     assert min(r["color"], r["position"], r["background"]) >= 0.95, r
+
+
+def test_shipped_teacher_needs_many_steps_on_open_prompts():
+    """The gap the demo's student has to close: with the positions left out a prompt has many layouts, and
+    4 Euler steps fall behind 32 (measured 0.844 vs 0.783; with every position given: 0.906 vs 0.902)."""
+    from senseflow.toy.teacher import teacher_quality
+
+    r32, r4 = teacher_quality(((32, 3.0), (4, 3.0)), open_positions=True)
+    assert r32["attr_acc"] >= 0.82, r32
+    assert r32["attr_acc"] - r4["attr_acc"] >= 0.03, (r32, r4)
 
 
 def test_init_from_a_folder_that_is_not_a_teacher_is_one_line_and_writes_nothing(tmp_path):

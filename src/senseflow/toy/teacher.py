@@ -88,11 +88,12 @@ QUALITY_SETTING = (32, 3.0)  # (Euler steps, CFG scale)
 
 @torch.no_grad()
 def teacher_quality(settings: Sequence[tuple[int, float]] = (QUALITY_SETTING,), num_prompts: int = 64, seed: int = 0,
-                    folder: str | os.PathLike | None = None) -> list[dict]:
+                    folder: str | os.PathLike | None = None, open_positions: bool = False) -> list[dict]:
     """Evaluator metrics of a toy teacher per ``(Euler steps, CFG)`` on the fixed evaluation prompts.
 
     One sample per prompt from noise seed ``seed``: the setting the shipped teacher's quality is
-    quoted in (docs/toy.md), shared by ``benchmarks/toy_teacher_quality.py`` and the test of the bar.
+    quoted in (docs/toy.md), shared by ``benchmarks/toy_teacher_quality.py`` and the tests.
+    ``open_positions``: the same prompts with their positions left out (the multimodal prompts).
     """
     from ..sampling import sample_ode
     from ..teachers.base import Denoiser, Guidance
@@ -102,7 +103,7 @@ def teacher_quality(settings: Sequence[tuple[int, float]] = (QUALITY_SETTING,), 
     adapter, backbone = load_toy_teacher(folder)
     teacher = Denoiser(backbone.eval(), adapter)
     evaluator = ToyEvaluator.load()
-    prompts = evaluation_prompts(num_prompts)
+    prompts = evaluation_prompts(num_prompts, open_positions=open_positions)
     cond = adapter.encode_prompts(prompts)
     noise = torch.randn(num_prompts, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
     results = []
