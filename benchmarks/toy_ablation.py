@@ -46,7 +46,7 @@ class Variant:
 
 # The "pushed" pair tests the paper's stability claim: a generator learning rate 3x the recipe's
 # and TTUR 1 (one fake-score update per generator update instead of 5), with and without IDA.
-PUSHED = ("optim.generator.lr=1.0e-4", "method.ttur=1")
+PUSHED = ("optim.generator.lr=3.0e-4", "method.ttur=1")
 VARIANTS: dict[str, Variant] = {
     "dmd2": Variant("dmd2", 4, "DMD2 (TTUR 5)"),
     "dmd2_ida": Variant("senseflow", 4, "DMD2 + IDA", ("method.isg_weight=0.0",)),
@@ -55,8 +55,8 @@ VARIANTS: dict[str, Variant] = {
     "sid": Variant("sid", 4, "SiD (data-free)"),
     "senseflow_2step": Variant("senseflow", 2, "SenseFlow, 2 steps"),
     "senseflow_1step": Variant("senseflow", 1, "SenseFlow, 1 step"),
-    "dmd2_pushed": Variant("dmd2", 4, "DMD2 pushed (lr_G 1e-4, TTUR 1)", PUSHED),
-    "dmd2_ida_pushed": Variant("senseflow", 4, "DMD2 + IDA pushed (lr_G 1e-4, TTUR 1)",
+    "dmd2_pushed": Variant("dmd2", 4, "DMD2 pushed (lr_G 3e-4, TTUR 1)", PUSHED),
+    "dmd2_ida_pushed": Variant("senseflow", 4, "DMD2 + IDA pushed (lr_G 3e-4, TTUR 1)",
                                PUSHED + ("method.isg_weight=0.0",)),
 }
 TEACHER_STEPS = (1, 2, 4, 8, 32)
@@ -70,7 +70,8 @@ def _write_json(path: Path, data) -> None:
 
 
 def _common_sets(args: argparse.Namespace) -> list[str]:
-    return [f"paths.teacher={args.teacher}"] if args.teacher else []
+    sets = [f"paths.teacher={args.teacher}"] if args.teacher else []
+    return sets + ([f"paths.prompts={args.prompts}"] if args.prompts else [])
 
 
 # -- one run (a subprocess) ----------------------------------------------------------------------
@@ -79,7 +80,7 @@ def run_one(args: argparse.Namespace) -> None:
 
     from senseflow import api
     from senseflow.config import load_config
-    from senseflow.toy.demo import RECIPES, STUDENT_ANCHORS, EvalSet, StudentTracker
+    from senseflow.toy.demo import RECIPES, STUDENT_ANCHORS, EvalSet, StudentTracker, judged_on_open_prompts
     from senseflow.toy.evaluator import ToyEvaluator
     from senseflow.train.trainer import TrainerHooks
 
@@ -95,7 +96,7 @@ def run_one(args: argparse.Namespace) -> None:
     tracker = StudentTracker(ToyEvaluator.load(), config.generator.sampler, args.eval_every)
     trainer = api.build_trainer(config, resume="never", hooks=TrainerHooks(on_step=[tracker]))
     tracker.evalset = EvalSet(trainer.method.models.teacher.adapter, args.eval_prompts, args.per_prompt, EVAL_SEED,
-                              trainer.device)
+                              trainer.device, open_positions=judged_on_open_prompts(config))
     tracker.reference = load_file(str(out / "teacher32.safetensors"))["images"]
     tracker(trainer, 0)
     t0 = time.perf_counter()
@@ -113,7 +114,8 @@ def teacher_baselines(args: argparse.Namespace) -> None:
     """Teacher at 1 / 2 / 4 / 8 / 32 Euler steps (CFG of the recipes) on the evaluation set; keeps the 32-step samples."""
     from safetensors.torch import save_file
 
-    from senseflow.toy.demo import EvalSet, sample_teacher
+    from senseflow.config import load_config
+    from senseflow.toy.demo import RECIPES, EvalSet, judged_on_open_prompts, sample_teacher
     from senseflow.teachers.base import Denoiser
     from senseflow.toy.evaluator import ToyEvaluator
     from senseflow.toy.teacher import TEACHER_ASSET, load_toy_teacher
@@ -124,13 +126,17 @@ def teacher_baselines(args: argparse.Namespace) -> None:
     adapter, backbone = load_toy_teacher(args.teacher or TEACHER_ASSET)
     teacher = Denoiser(backbone.eval(), adapter)
     evaluator = ToyEvaluator.load()
-    evalset = EvalSet(adapter, args.eval_prompts, args.per_prompt, EVAL_SEED, torch.device("cpu"))
+    # the prompts the recipes train on decide the evaluation set (open captions -> open prompts), as in the demo
+    open_prompts = judged_on_open_prompts(load_config(RECIPES / "senseflow.yaml", _common_sets(args)))
+    evalset = EvalSet(adapter, args.eval_prompts, args.per_prompt, EVAL_SEED, torch.device("cpu"),
+                      open_positions=open_prompts)
     samples = {steps: sample_teacher(teacher, evalset, steps, args.cfg) for steps in TEACHER_STEPS}
     ref = samples[32][0]
     rows = {}
     for steps, (images, spi) in samples.items():
         m = evaluator.evaluate(images, evalset.prompts, reference_teacher=None if steps == 32 else ref)
-        rows[steps] = {"steps": steps, "nfe": 2 * steps, "cfg": args.cfg, "seconds_per_image": round(spi, 4),
+        rows[steps] = {"steps": steps, "nfe": 2 * steps, "cfg": args.cfg, "open_prompts": open_prompts,
+                       "seconds_per_image": round(spi, 4),
                        **{k: round(float(m[k]), 4) for k in ("attr_acc", "fd_real", "fd_teacher", "diversity")
                           if k in m}}
         print(f"teacher {steps:2d} steps: {rows[steps]}", flush=True)
@@ -156,6 +162,8 @@ def run_all(args: argparse.Namespace) -> None:
                "--eval-prompts", str(args.eval_prompts), "--per-prompt", str(args.per_prompt)]
         if args.teacher:
             cmd += ["--teacher", args.teacher]
+        if args.prompts:
+            cmd += ["--prompts", args.prompts]
         log = out / "logs" / f"{variant}_seed{seed}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -218,6 +226,9 @@ def report(args: argparse.Namespace) -> None:
         fd0 = statistics.fmean(c["fd_real"] for c in init)
         lines.append(f"| {v['label']} | {v['steps']} | {v['steps']} | {len(rs)} | {acc0:.3f} | {_stats(final)} | "
                      f"{_stats(best)} | {_stats(drop)} | {fd0:.1f} | {fdr:.1f} | {fdt:.1f} | {secs:.0f} |")
+    some_row = next(iter(teacher.values()))
+    kind = "open" if some_row.get("open_prompts") else "fully specified"
+    lines.append(f"\nEvaluation prompts: {kind} (positions {'left out' if kind == 'open' else 'given'}).")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     print(table)
@@ -268,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
         if name == "report":
             continue
         s.add_argument("--teacher", default=None, help="toy teacher folder (default: the shipped one)")
+        s.add_argument("--prompts", default=None,
+                       help="prompt source of every run, e.g. builtin:toy-world for closed captions "
+                            "(default: the recipes'); open captions are judged on open evaluation prompts")
         s.add_argument("--iterations", type=int, default=150)
         s.add_argument("--eval-every", type=int, default=25)
         s.add_argument("--eval-prompts", type=int, default=64)

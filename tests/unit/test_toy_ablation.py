@@ -29,8 +29,9 @@ def test_every_variant_is_a_valid_recipe_with_its_overrides(ablation):
             pytest.fail(f"variant {name}: no recipe {recipe}")
         config = load_config(recipe, [f"generator.anchors={STUDENT_ANCHORS[v.steps]}", *v.overrides])
         assert len(config.generator.anchors) == v.steps
+    recipe_lr = load_config(RECIPES / "dmd2.yaml").optim.generator.lr
     pushed = load_config(RECIPES / "dmd2.yaml", list(ablation.PUSHED))
-    assert pushed.method.ttur == 1 and pushed.optim.generator.lr == pytest.approx(1e-4)
+    assert pushed.method.ttur == 1 and pushed.optim.generator.lr == pytest.approx(3 * recipe_lr)
     ida_only = load_config(RECIPES / "senseflow.yaml", list(ablation.VARIANTS["dmd2_ida"].overrides))
     assert ida_only.method.ida and ida_only.method.isg_weight == 0.0
 

@@ -29,6 +29,11 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "toy"
 STUDENT_ANCHORS = {1: [1.0], 2: [1.0, 0.5], 3: [1.0, 0.667, 0.333], 4: [1.0, 0.75, 0.5, 0.25]}
 
 
+def judged_on_open_prompts(config) -> bool:
+    """A world with open captions is judged on open prompts: that is where few-step sampling is hard."""
+    return TOY_WORLDS.get(config.paths.prompts or "", 0.0) > 0
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -153,7 +158,7 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
              eval_prompts: int = 64, per_prompt: int = 4, eval_every: int = 50, seed: int = 0,
              overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
     from .. import api
-    from .evaluator import ToyEvaluator
+    from .evaluator import ToyEvaluator, paired_gain
 
     if steps not in STUDENT_ANCHORS:
         raise ValueError(f"--steps must be one of {sorted(STUDENT_ANCHORS)}")
@@ -171,8 +176,7 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
     tracker = StudentTracker(evaluator, config.generator.sampler, eval_every)
     trainer = api.build_trainer(config, resume="auto", hooks=TrainerHooks(on_step=[tracker]))
     teacher = trainer.method.models.teacher
-    # a world with open captions is judged on open prompts: that is where few-step sampling is hard
-    open_positions = TOY_WORLDS.get(config.paths.prompts or "", 0.0) > 0
+    open_positions = judged_on_open_prompts(config)
     evalset = tracker.evalset = EvalSet(teacher.adapter, eval_prompts, per_prompt, seed, trainer.device,
                                         open_positions=open_positions)
 
@@ -208,6 +212,10 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
     ms = evaluator.evaluate(student_images, evalset.prompts, reference_teacher=teacher32)
     results["student"] = {"method": method, "steps": steps, "nfe": steps,
                           **_summary(ms, keys + ("fd_teacher", "diversity")), "seconds_per_image": spi_student}
+    # "does the student beat the 4-step teacher?" as a measurement: paired on the same prompts and noise
+    results["student_vs_teacher_4step"] = {"attr_acc": paired_gain(
+        evaluator.checks_per_image(student_images, evalset.prompts),
+        evaluator.checks_per_image(teacher4, evalset.prompts), evalset.prompts, seed=seed)}
     results["train_seconds"] = round(train_seconds, 2)
     results["iterations"] = trainer.step - start_step
     results["curve"] = curve = tracker.curve
@@ -241,6 +249,11 @@ def report(results: dict[str, Any]) -> str:
         fdt = f"{m['fd_teacher']:10.2f}" if "fd_teacher" in m else f"{'-':>10s}"
         lines.append(f"{name:34s} {m['nfe']:4d} {m['attr_acc']:9.3f} {m['fd_real']:8.2f} {fdt} "
                      f"{m['seconds_per_image']:8.4f}")
+    versus = results.get("student_vs_teacher_4step", {}).get("attr_acc")
+    if versus:
+        lo, hi = versus["ci95"]
+        lines.append(f"student - teacher (4 Euler steps): attr_acc {versus['gain']:+.3f} "
+                     f"(95% interval over the {versus['num_prompts']} prompts: {lo:+.3f} .. {hi:+.3f})")
     lines.append(f"training: {results['iterations']} iterations in {results['train_seconds']:.0f} s")
     return "\n".join(lines)
 
