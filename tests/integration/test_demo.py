@@ -30,5 +30,7 @@ def test_demo_writes_metrics_grid_and_curves(untrained_teacher, tmp_path, method
     assert metrics["iterations"] == 2 and metrics["train_seconds"] > 0
     assert 0.0 <= student["attr_acc"] <= 1.0 and student["fd_real"] >= 0
     assert [c["iteration"] for c in metrics["curve"]] == [0, 1, 2]
+    versus = metrics["student_vs_teacher_4step"]["attr_acc"]
+    assert versus["num_prompts"] == 4 and versus["ci95"][0] <= versus["gain"] <= versus["ci95"][1]
     for png in ("grid.png", "curves.png"):
         assert (out / png).stat().st_size > 1000

@@ -138,3 +138,39 @@ def test_torchmetrics_fid_does_not_pull_torchvision():
     import torchmetrics.image.fid  # noqa: F401
 
     assert "torchvision" not in sys.modules
+
+
+def test_checks_per_image_add_up_to_attr_acc(evaluator, fresh):
+    images, captions, _ = fresh
+    good = captions[:64]
+    wrong = good[1:] + good[:1]  # a different caption per image: most checks fail
+    for prompts in (good, wrong):
+        passed, made = evaluator.checks_per_image(images[:64], prompts)
+        assert passed.shape == made.shape == (64,) and bool((passed <= made).all())
+        expected = evaluator.attribute_accuracy(images[:64], prompts)["attr_acc"]
+        assert float(passed.sum() / made.sum()) == pytest.approx(expected)
+    # one shape: 4 checks + background + count; two shapes: 4 more
+    assert {int(m) for m in made} == {6, 10}
+
+
+def test_paired_gain_interval_over_prompts():
+    from senseflow.toy.evaluator import paired_gain
+
+    prompts = [f"p{k}" for k in range(32) for _ in range(4)]
+    made = torch.full((128,), 6.0)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 7, (128,), generator=g).double()
+    same = paired_gain((base, made), (base, made), prompts)
+    assert same["gain"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["num_prompts"] == 32
+    # a is better by one check on every image except on a few prompts: the interval excludes 0
+    better = (base + 1).clamp(max=6)
+    better[:8] = base[:8]
+    r = paired_gain((better, made), (base, made), prompts)
+    assert r["gain"] > 0 and 0 < r["ci95"][0] <= r["gain"] <= r["ci95"][1]
+    # a gain carried by 2 of 32 prompts: positive, but its interval reaches 0
+    lucky = base.clone()
+    lucky[:8] = 6.0
+    r = paired_gain((lucky, made), (base, made), prompts)
+    assert r["gain"] > 0 and r["ci95"][0] <= 0.0 + 1e-12
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_gain((base, made), (base, made + 1), prompts)

@@ -161,6 +161,30 @@ def classifier_accuracy(logits: dict[str, Tensor], labels: dict[str, Tensor]) ->
     }
 
 
+def paired_gain(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], prompts: Sequence[str],
+                num_resamples: int = 2000, seed: int = 0) -> dict[str, float | list[float] | int]:
+    """``attr_acc`` of model a minus model b, judged on the same images' prompts and noise, with a 95%
+    bootstrap interval that resamples *prompts* (all samples of a prompt together).
+
+    ``a`` and ``b`` are :meth:`ToyEvaluator.checks_per_image` results for the same ``prompts``.  Why
+    paired and by prompt: some prompts are hard for every model, so per-sample noise is correlated;
+    resampling prompts keeps that correlation and answers "would the gain hold on other prompts?".
+    """
+    (pa, ma), (pb, mb) = a, b
+    if not (len(prompts) == pa.numel() == pb.numel() and torch.equal(ma, mb)):
+        raise ValueError("paired_gain needs both models judged on the same prompts (same checks per image)")
+    keys = list(dict.fromkeys(prompts))
+    group = torch.tensor([keys.index(p) for p in prompts])
+    sums = [torch.zeros(len(keys), dtype=torch.float64).index_add_(0, group, x.double()) for x in (pa, pb, ma)]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(keys), (num_resamples, len(keys)), generator=g)
+    sa, sb, sm = (x[idx].sum(1) for x in sums)
+    gains = (sa - sb) / sm
+    lo, hi = torch.quantile(gains, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    gain = float((pa.sum() - pb.sum()) / ma.sum())
+    return {"gain": round(gain, 5), "ci95": [round(lo, 5), round(hi, 5)], "num_prompts": len(keys)}
+
+
 class _FeatureModule(nn.Module):
     """Adapter for torchmetrics' FID: takes [0, 1] floats (``normalize=True``) and returns features."""
 
@@ -226,6 +250,15 @@ class ToyEvaluator:
     # -- prompt following --------------------------------------------------------------------
     def attribute_checks(self, images: Tensor, prompts: Sequence[str | Scene]) -> dict[str, list[bool]]:
         """Every individual check (see module docstring), as lists of booleans keyed by check name."""
+        return self._checks(images, prompts)[0]
+
+    def checks_per_image(self, images: Tensor, prompts: Sequence[str | Scene]) -> tuple[Tensor, Tensor]:
+        """``(passed, made)`` per image: the checks behind ``attr_acc``, kept apart per image so that
+        two models judged on the same prompts and noise can be compared pairwise (``paired_gain``)."""
+        _, passed, made = self._checks(images, prompts)
+        return torch.tensor(passed, dtype=torch.float64), torch.tensor(made, dtype=torch.float64)
+
+    def _checks(self, images: Tensor, prompts: Sequence[str | Scene]) -> tuple[dict[str, list[bool]], list[int], list[int]]:
         scenes = _parse_all(prompts)
         if len(scenes) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(scenes)} prompts")
@@ -237,8 +270,10 @@ class ToyEvaluator:
         colors, backgrounds = list(COLORS), list(BACKGROUNDS)
         checks: dict[str, list[bool]] = {k: [] for k in CHECKS}
         checks["exact"] = []
+        passed, made = [], []
         for i, scene in enumerate(scenes):
             ok_all = True
+            image_checks = []
             cells = self._assign_cells(scene, shape_pred[i], color_pred[i], size_pred[i])
             for s, c in zip(scene.shapes, cells):
                 present = c is not None and shape_pred[i][c] > 0
@@ -250,13 +285,17 @@ class ToyEvaluator:
                 }
                 for k, v in results.items():
                     checks[k].append(bool(v))
+                    image_checks.append(bool(v))
                     ok_all &= bool(v)
             bg_ok = bg_pred[i] == backgrounds.index(scene.background)
             count_ok = sum(p > 0 for p in shape_pred[i]) == len(scene.shapes)
             checks["background"].append(bg_ok)
             checks["count"].append(count_ok)
             checks["exact"].append(ok_all and bg_ok and count_ok)
-        return checks
+            image_checks += [bg_ok, count_ok]
+            passed.append(sum(image_checks))
+            made.append(len(image_checks))
+        return checks, passed, made
 
     @staticmethod
     def _assign_cells(scene: Scene, shape_pred: list[int], color_pred: list[int],
