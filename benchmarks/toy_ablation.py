@@ -79,8 +79,8 @@ def run_one(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     from senseflow import api
-    from senseflow.config import load_config
-    from senseflow.toy.demo import RECIPES, STUDENT_ANCHORS, EvalSet, StudentTracker, judged_on_open_prompts
+    from senseflow.config import load_config, opens_positions
+    from senseflow.toy.demo import RECIPES, STUDENT_ANCHORS, EvalSet, StudentTracker
     from senseflow.toy.evaluator import ToyEvaluator
     from senseflow.train.trainer import TrainerHooks
 
@@ -96,7 +96,7 @@ def run_one(args: argparse.Namespace) -> None:
     tracker = StudentTracker(ToyEvaluator.load(), config.generator.sampler, args.eval_every)
     trainer = api.build_trainer(config, resume="never", hooks=TrainerHooks(on_step=[tracker]))
     tracker.evalset = EvalSet(trainer.method.models.teacher.adapter, args.eval_prompts, args.per_prompt, EVAL_SEED,
-                              trainer.device, open_positions=judged_on_open_prompts(config))
+                              trainer.device, open_positions=opens_positions(config.paths.prompts))
     tracker.reference = load_file(str(out / "teacher32.safetensors"))["images"]
     tracker(trainer, 0)
     t0 = time.perf_counter()
@@ -114,8 +114,8 @@ def teacher_baselines(args: argparse.Namespace) -> None:
     """Teacher at 1 / 2 / 4 / 8 / 32 Euler steps (CFG of the recipes) on the evaluation set; keeps the 32-step samples."""
     from safetensors.torch import save_file
 
-    from senseflow.config import load_config
-    from senseflow.toy.demo import RECIPES, EvalSet, judged_on_open_prompts, sample_teacher
+    from senseflow.config import load_config, opens_positions
+    from senseflow.toy.demo import RECIPES, EvalSet, sample_teacher
     from senseflow.teachers.base import Denoiser
     from senseflow.toy.evaluator import ToyEvaluator
     from senseflow.toy.teacher import TEACHER_ASSET, load_toy_teacher
@@ -127,7 +127,7 @@ def teacher_baselines(args: argparse.Namespace) -> None:
     teacher = Denoiser(backbone.eval(), adapter)
     evaluator = ToyEvaluator.load()
     # the prompts the recipes train on decide the evaluation set (open captions -> open prompts), as in the demo
-    open_prompts = judged_on_open_prompts(load_config(RECIPES / "senseflow.yaml", _common_sets(args)))
+    open_prompts = opens_positions(load_config(RECIPES / "senseflow.yaml", _common_sets(args)).paths.prompts)
     evalset = EvalSet(adapter, args.eval_prompts, args.per_prompt, EVAL_SEED, torch.device("cpu"),
                       open_positions=open_prompts)
     samples = {steps: sample_teacher(teacher, evalset, steps, args.cfg) for steps in TEACHER_STEPS}
@@ -226,9 +226,9 @@ def report(args: argparse.Namespace) -> None:
         fd0 = statistics.fmean(c["fd_real"] for c in init)
         lines.append(f"| {v['label']} | {v['steps']} | {v['steps']} | {len(rs)} | {acc0:.3f} | {_stats(final)} | "
                      f"{_stats(best)} | {_stats(drop)} | {fd0:.1f} | {fdr:.1f} | {fdt:.1f} | {secs:.0f} |")
-    some_row = next(iter(teacher.values()))
-    kind = "open" if some_row.get("open_prompts") else "fully specified"
-    lines.append(f"\nEvaluation prompts: {kind} (positions {'left out' if kind == 'open' else 'given'}).")
+    open_prompts = next(iter(teacher.values())).get("open_prompts")
+    lines.append("\nEvaluation prompts: " + ("open (positions left out)." if open_prompts
+                                               else "fully specified (positions given)."))
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     print(table)

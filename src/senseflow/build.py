@@ -184,8 +184,8 @@ def training_prompts(config: Config) -> list[str]:
     if config.paths.prompts is None:
         raise SenseflowError("paths.prompts is not set: give a prompt file (one prompt per line)")
     if config.paths.prompts in TOY_WORLDS:
-        from .toy.world import evaluation_prompts
-        return evaluation_prompts(open_positions=TOY_WORLDS[config.paths.prompts] > 0)
+        from .toy.data import world_prompts
+        return world_prompts(config.paths.prompts)
     return load_prompts(config.paths.prompts)
 
 

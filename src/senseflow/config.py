@@ -29,6 +29,11 @@ BUILTIN_PREFIX = "builtin:"
 TOY_WORLDS: dict[str, float] = {"builtin:toy-world": 0.0, "builtin:toy-world-open": 0.5}
 
 
+def opens_positions(source: str | None) -> bool:
+    """Whether a prompt source is a toy world with open captions (such a world is judged on open prompts)."""
+    return TOY_WORLDS.get(source or "", 0.0) > 0
+
+
 class PathsConfig(StrictModel):
     """Where things are.  ``teacher`` is a local diffusers folder or ``builtin:<name>``."""
 

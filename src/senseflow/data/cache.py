@@ -213,8 +213,8 @@ def _eval_prompts(config) -> list[str] | None:
     if path is None:
         return None
     if path in TOY_WORLDS:
-        from ..toy.world import evaluation_prompts
-        return evaluation_prompts(open_positions=TOY_WORLDS[path] > 0)[:MAX_EVAL_PROMPTS]
+        from ..toy.data import world_prompts
+        return world_prompts(path)[:MAX_EVAL_PROMPTS]
     from .prompts import load_prompts
     return load_prompts(path)[:MAX_EVAL_PROMPTS]
 

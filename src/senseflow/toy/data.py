@@ -11,7 +11,14 @@ import torch
 from ..methods.base import Batch
 from ..rng import derive_seed
 from ..teachers.base import ModelAdapter
-from .world import ToyWorld
+from .world import ToyWorld, evaluation_prompts
+
+
+def world_prompts(source: str) -> list[str]:
+    """The fixed evaluation prompts of a built-in toy world (``TOY_WORLDS``): open ones for an open world."""
+    from ..config import opens_positions
+
+    return evaluation_prompts(open_positions=opens_positions(source))
 
 
 class ToyWorldBatches:

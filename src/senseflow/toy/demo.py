@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import TOY_WORLDS, load_config
+from ..config import load_config, opens_positions
 from ..images import make_grid, save_png
 from ..rng import derive_seed
 from ..sampling import sample_ode
@@ -27,11 +27,6 @@ from ..train.trainer import Trainer, TrainerHooks
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "toy"
 STUDENT_ANCHORS = {1: [1.0], 2: [1.0, 0.5], 3: [1.0, 0.667, 0.333], 4: [1.0, 0.75, 0.5, 0.25]}
-
-
-def judged_on_open_prompts(config) -> bool:
-    """A world with open captions is judged on open prompts: that is where few-step sampling is hard."""
-    return TOY_WORLDS.get(config.paths.prompts or "", 0.0) > 0
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -176,7 +171,8 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
     tracker = StudentTracker(evaluator, config.generator.sampler, eval_every)
     trainer = api.build_trainer(config, resume="auto", hooks=TrainerHooks(on_step=[tracker]))
     teacher = trainer.method.models.teacher
-    open_positions = judged_on_open_prompts(config)
+    # a world with open captions is judged on open prompts: that is where few-step sampling is hard
+    open_positions = opens_positions(config.paths.prompts)
     evalset = tracker.evalset = EvalSet(teacher.adapter, eval_prompts, per_prompt, seed, trainer.device,
                                         open_positions=open_positions)
 

@@ -173,16 +173,16 @@ def paired_gain(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], prompts: Seq
     (pa, ma), (pb, mb) = a, b
     if not (len(prompts) == pa.numel() == pb.numel() and torch.equal(ma, mb)):
         raise ValueError("paired_gain needs both models judged on the same prompts (same checks per image)")
-    keys = list(dict.fromkeys(prompts))
-    group = torch.tensor([keys.index(p) for p in prompts])
-    sums = [torch.zeros(len(keys), dtype=torch.float64).index_add_(0, group, x.double()) for x in (pa, pb, ma)]
+    index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    group = torch.tensor([index[p] for p in prompts])
+    sums = [torch.zeros(len(index), dtype=torch.float64).index_add_(0, group, x.double()) for x in (pa, pb, ma)]
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(keys), (num_resamples, len(keys)), generator=g)
+    idx = torch.randint(len(index), (num_resamples, len(index)), generator=g)
     sa, sb, sm = (x[idx].sum(1) for x in sums)
     gains = (sa - sb) / sm
     lo, hi = torch.quantile(gains, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     gain = float((pa.sum() - pb.sum()) / ma.sum())
-    return {"gain": round(gain, 5), "ci95": [round(lo, 5), round(hi, 5)], "num_prompts": len(keys)}
+    return {"gain": round(gain, 5), "ci95": [round(lo, 5), round(hi, 5)], "num_prompts": len(index)}
 
 
 class _FeatureModule(nn.Module):
