@@ -127,8 +127,9 @@ def check_factory_call(factory: Callable[..., object], spec: str, kwargs: Mappin
         for name in kwargs:
             if name not in keyword and not takes_any:
                 where = "teacher.options" if name not in ("path", "resolution", "device", "shift") else "senseflow"
-                raise SenseflowError(f"teacher.factory {spec!r} takes no argument {name!r} (passed by {where}; it "
-                                     f"takes: {known}): remove the option or add the parameter to the factory") from None
+                raise SenseflowError(f"teacher.factory {spec!r} takes no argument {name!r} (passed by {where}; "
+                                     f"it takes: {known}): remove the option or add the parameter to the "
+                                     f"factory") from None
         missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
                    and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
         raise SenseflowError(f"teacher.factory {spec!r} needs argument {missing[0] if missing else '?'!r}, which "
