@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -65,11 +66,23 @@ def build_trainer(config: Config, resume: str = "auto", hooks: TrainerHooks | No
 
 
 def train(config: Config, resume: str = "auto", hooks: TrainerHooks | None = None) -> Trainer:
-    """Train a student as configured; writes checkpoints, logs, samples and ``<output>/student/``."""
+    """Train a student as configured; writes checkpoints, logs, samples and ``<output>/student/``.
+
+    ``student/`` is written right after the final checkpoint and before the final sample grid
+    (a ``TrainerHooks.on_finish`` hook), so nothing that goes wrong while sampling can lose it.
+    """
+    hooks = hooks or TrainerHooks()
+    hooks = dataclasses.replace(hooks, on_finish=[lambda tr, _step: write_student(tr, config), *hooks.on_finish])
     trainer = build_trainer(config, resume, hooks)
     trainer.fit()
+    return trainer
+
+
+def write_student(trainer: Trainer, config: Config) -> None:
+    """``<output>/student/``: the generator backbone + ``student.json`` (gathered from the shards when distributed)."""
     meta = {"family": config.teacher.family, "teacher": config.paths.teacher, "resolution": config.teacher.resolution,
-            "sampler": config.generator.sampler, "method": config.method.name, "step": trainer.step}
+            "sampler": config.generator.sampler, "method": config.method.name, "step": trainer.step,
+            "images": trainer.method.models.teacher.adapter.decodes_to_images()}  # generate: PNG or raw latents
     if config.generator.lora is not None:  # load_student rebuilds the adapters from this
         meta["lora"] = config.generator.lora.model_dump()
     if trainer.ctx.distributed:  # gather the sharded student from the final checkpoint
@@ -83,4 +96,3 @@ def train(config: Config, resume: str = "auto", hooks: TrainerHooks | None = Non
         trainer.ctx.barrier()
     else:
         export_student(trainer.method.models.generator, trainer.run_dir / "student", meta)
-    return trainer

@@ -34,13 +34,21 @@ def register_family(name: str) -> Callable[[TeacherLoader], TeacherLoader]:
 
 @register_family("custom")
 def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
-    from .teachers.custom import load_factory
+    from .teachers.custom import check_factory_call, load_factory
 
     path = None if config.paths.teacher.startswith(BUILTIN_PREFIX) else config.paths.teacher
     kwargs = {"path": path, "resolution": config.teacher.resolution, "device": device}
     if config.teacher.shift is not None:
         kwargs["shift"] = config.teacher.shift
-    return load_factory(config.teacher.factory)(**kwargs)
+    spec = config.teacher.factory
+    fixed = sorted(set(config.teacher.options) & set(kwargs))
+    if fixed:
+        raise SenseflowError(f"teacher.options.{fixed[0]}: set by senseflow (paths.teacher, teacher.resolution, "
+                             f"train.device, teacher.shift); remove it from teacher.options")
+    kwargs.update(config.teacher.options)
+    factory = load_factory(spec)
+    check_factory_call(factory, spec, kwargs)
+    return factory(**kwargs)
 
 
 def _loader_kwargs(config: Config, device: torch.device, **family_defaults) -> dict:
@@ -206,8 +214,12 @@ def build_data(config: Config, adapter: ModelAdapter, device: torch.device, rank
     return PromptBatches(stream, adapter, device)
 
 
-def build_samples(config: Config, adapter: ModelAdapter, device: torch.device) -> SampleSpec:
+def build_samples(config: Config, adapter: ModelAdapter, device: torch.device) -> SampleSpec | None:
+    """Fixed prompts + noise for sample grids; None (no grids) when ``train.num_samples`` is 0."""
     from .data.sources import sample_spec
+
+    if config.train.num_samples == 0:
+        return None
 
     spec = sample_spec(config, adapter, device)  # from the cache (no text encoders) / image-text / LMDB data
     if spec is not None:

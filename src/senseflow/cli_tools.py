@@ -11,9 +11,10 @@ def _generate(args: argparse.Namespace) -> int:
     result = generate(args.student, args.prompts, args.out, teacher=args.teacher, start_idx=args.start_idx,
                       num_prompts=args.num_prompts, batch_size=args.batch_size, steps=args.steps,
                       sampler=args.sampler, seed=args.seed, device=args.device, dtype=args.dtype,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, format=args.format)
     done = f" ({result.skipped} already there)" if result.skipped else ""
-    print(f"wrote {len(result.written)} images to {result.out}{done}")
+    what = "images" if result.format == "png" else f"latents ({result.format})"
+    print(f"wrote {len(result.written)} {what} to {result.out}{done}")
     return 0
 
 
@@ -53,6 +54,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model dtype (default: the run's teacher.dtype)")
+    g.add_argument("--format", choices=("auto", "png", "safetensors", "npy"), default="auto",
+                   help="png: decoded images; safetensors / npy: the raw latents x0 (before decode), float32, "
+                        "one file per prompt; auto (default): png, or safetensors for a model whose outputs are "
+                        "not images")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 

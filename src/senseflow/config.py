@@ -133,7 +133,7 @@ class TrainConfig(StrictModel):
                             "(SiD-DiT's setting: use Adam eps 1e-4); losses are always computed in fp32")
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(0, ge=0, description="0 = only at the end")
-    num_samples: int = Field(8, ge=1, le=64)
+    num_samples: int = Field(8, ge=0, le=64, description="prompts in each sample grid; 0 = no sample grids")
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True

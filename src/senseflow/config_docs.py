@@ -35,21 +35,27 @@ def _type_name(annotation) -> str:
         .replace("senseflow.config.", "")
 
 
-def _default(field) -> str:
-    if field.is_required():
+def _default(field, defaults: BaseModel | None = None, name: str = "") -> str:
+    """The value a user gets by leaving the key out: read from ``defaults`` -- the enclosing FIELD's
+    default instance (DMD2's ``real_guidance`` is ``GuidanceSpec(cfg=8.0)``, not ``GuidanceSpec()``)
+    -- when there is one, else the key's own default."""
+    if defaults is not None:
+        value = getattr(defaults, name)
+    elif field.is_required():
         return "required"
-    value = field.get_default(call_default_factory=True)
+    else:
+        value = field.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "see below"
     return f"`{value!r}`"
 
 
-def _section(title: str, model: type[BaseModel]) -> list[str]:
+def _section(title: str, model: type[BaseModel], defaults: BaseModel | None = None) -> list[str]:
     lines = [f"## `{title}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in model.model_fields.items():
         desc = (field.description or "").replace("|", "\\|")
         kind = _type_name(field.annotation).replace("|", "\\|")
-        lines.append(f"| `{name}` | {kind} | {_default(field)} | {desc} |")
+        lines.append(f"| `{name}` | {kind} | {_default(field, defaults, name)} | {desc} |")
     return lines + [""]
 
 
@@ -62,13 +68,26 @@ def _model_of(annotation) -> type[BaseModel] | None:
     return None
 
 
-def _nested(prefix: str, model: type[BaseModel], out: list[str], seen: set) -> None:
-    out += _section(prefix, model)
+def _field_instance(field, defaults: BaseModel | None, name: str) -> BaseModel | None:
+    """The default VALUE of a nested section (None for a required or optional-and-unset one:
+    its table then lists the section type's own defaults, which is what a user who writes it gets)."""
+    if defaults is not None:
+        value = getattr(defaults, name)
+    elif field.is_required():
+        return None
+    else:
+        value = field.get_default(call_default_factory=True)
+    return value if isinstance(value, BaseModel) else None
+
+
+def _nested(prefix: str, model: type[BaseModel], out: list[str], seen: set,
+            defaults: BaseModel | None = None) -> None:
+    out += _section(prefix, model, defaults)
     for name, field in model.model_fields.items():
         sub = _model_of(field.annotation)
         if sub is not None and (prefix, name) not in seen:
             seen.add((prefix, name))
-            _nested(f"{prefix}.{name}", sub, out, seen)
+            _nested(f"{prefix}.{name}", sub, out, seen, _field_instance(field, defaults, name))
 
 
 def render() -> str:
@@ -77,10 +96,10 @@ def render() -> str:
     for name, field in Config.model_fields.items():
         sub = _model_of(field.annotation)
         if sub is not None:
-            _nested(name, sub, out, seen)
+            _nested(name, sub, out, seen, _field_instance(field, None, name))
     for label, model in (("method (name: senseflow)", SenseFlowConfig), ("method (name: dmd2)", DMD2Config),
                          ("method (name: sid)", SiDConfig)):
-        _nested(label, model, out, seen)
+        _nested(label, model, out, seen, model())  # per method: SiD's guidances differ from DMD2's
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -19,7 +19,9 @@ drawn exactly as the stock diffusers pipeline draws them, so that the folder wri
 * other families (toy, custom): a CPU generator, latent-shaped draws.
 
 Every image gets ``NNNNN.png`` and ``NNNNN.json`` (index, prompt, seed, steps, sampler, anchors,
-...).  Images whose JSON already records the same settings (and whose PNG exists) are skipped, so
+...); with ``--format safetensors|npy`` the raw latent ``x0`` (before decode) replaces the PNG --
+the default for a model whose outputs are not pictures (a custom ``(D,)``-latent model).
+Outputs whose JSON already records the same settings (and whose file exists) are skipped, so
 an interrupted run continues where it stopped.  Bad input fails with one line before anything is
 written.
 """
@@ -39,6 +41,10 @@ from .rng import derive_seed
 from .teachers.base import SenseflowError
 
 SAMPLERS = ("stochastic", "euler")
+#: what is written per prompt: a PNG of ``decode(x0)``, or the raw latent ``x0`` (before decode) as
+#: safetensors (key ``latent``) or npy -- the only output of a model whose samples are not pictures
+FORMATS = ("auto", "png", "safetensors", "npy")
+EXTENSIONS = {"png": ".png", "safetensors": ".safetensors", "npy": ".npy"}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -156,6 +162,7 @@ class GenerateResult:
     out: Path
     written: list[Path]
     skipped: int
+    format: str = "png"
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -176,8 +183,39 @@ def _record(spec, index: int, prompt: str, base_seed: int, steps: int, sampler: 
             "student": str(spec.folder.resolve())}
 
 
+def _with_format(record: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """PNG records stay as they always were (folders written before --format still count as done)."""
+    return record if fmt == "png" else {**record, "format": fmt}
+
+
+def _resolve_format(requested: str, images: bool | None) -> str:
+    """``auto``: PNG for a student whose outputs are pictures, raw latents (safetensors) otherwise."""
+    if requested not in FORMATS:
+        raise SenseflowError(f"--format must be one of {', '.join(FORMATS)}, got {requested!r}")
+    if requested == "auto":
+        return "png" if images is None or images else "safetensors"
+    if requested == "png" and images is False:
+        raise SenseflowError("--format png: this student's outputs are not images (its adapter's "
+                             "decodes_to_images() is False); use --format safetensors or npy for the raw latents")
+    return requested
+
+
+def _save_latent(latent: Tensor, path: Path, fmt: str) -> None:
+    """One raw latent, float32, written atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = latent.detach().float().cpu().contiguous()
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({"latent": data}, str(tmp))
+    else:
+        import numpy as np
+        with open(tmp, "wb") as fh:
+            np.save(fh, data.numpy())
+    os.replace(tmp, path)
+
+
 def _done(out: Path, stem: str, record: dict[str, Any]) -> bool:
-    png, meta = out / f"{stem}.png", out / f"{stem}.json"
+    png, meta = out / f"{stem}{EXTENSIONS[record.get('format', 'png')]}", out / f"{stem}.json"
     if not (png.is_file() and meta.is_file()):
         return False
     try:
@@ -196,17 +234,22 @@ def generate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
              teacher: str | os.PathLike | None = None, start_idx: int = 0, num_prompts: int | None = None,
              batch_size: int = 4, steps: int | None = None, sampler: str | None = None, seed: int = 0,
              device: str = "auto", dtype: str | None = None, progress: bool = True,
-             loaded=None) -> GenerateResult:
+             loaded=None, format: str = "auto") -> GenerateResult:
     """Write ``NNNNN.png`` + ``NNNNN.json`` for prompts ``start_idx .. start_idx + num_prompts - 1``.
 
-    ``loaded`` (a :class:`~senseflow.student.LoadedStudent`) skips loading the student again.
+    ``format``: ``png``, or ``safetensors`` / ``npy`` for the raw latent ``x0`` (before decode);
+    ``auto`` picks PNG unless the student's outputs are not images (``student.json`` ``images``,
+    or its adapter's ``decodes_to_images()``).  ``loaded`` (a
+    :class:`~senseflow.student.LoadedStudent`) skips loading the student again.
     """
     from .data.prompts import load_prompts
-    from .images import save_png, to_uint8
+    from .images import check_images, save_png, to_uint8
     from .student import load_student, read_student, teacher_config
 
     # -- every check first: nothing is written (or loaded) for bad input ---------------------------
     spec = loaded.spec if loaded is not None else read_student(student)
+    images = loaded.adapter.decodes_to_images() if loaded is not None else spec.meta.get("images")
+    fmt = _resolve_format(format, images)
     all_prompts = load_prompts(prompts)
     if not 0 <= start_idx < len(all_prompts):
         raise SenseflowError(f"--start-idx {start_idx} is out of range: {prompts} has {len(all_prompts)} prompts "
@@ -227,17 +270,21 @@ def generate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
         raise SenseflowError(f"--out {str(out)!r} exists and is not a directory")
     end = len(all_prompts) if num_prompts is None else min(len(all_prompts), start_idx + num_prompts)
     indices = list(range(start_idx, end))
-    records = {i: _record(spec, i, all_prompts[i], seed, steps, sampler) for i in indices}
+    records = {i: _with_format(_record(spec, i, all_prompts[i], seed, steps, sampler), fmt) for i in indices}
     todo = [i for i in indices if not _done(out, f"{i:05d}", records[i])]
     skipped = len(indices) - len(todo)
     if loaded is None and todo:
         teacher_config(spec, teacher)     # the teacher folder exists (one-line error otherwise)
         loaded = load_student(spec.folder, teacher=teacher, device=_resolve_device(device), dtype=dtype)
+        if images is None and not loaded.adapter.decodes_to_images():  # student.json from before "images"
+            return generate(student, prompts, out, teacher=teacher, start_idx=start_idx, num_prompts=num_prompts,
+                            batch_size=batch_size, steps=steps, sampler=sampler, seed=seed, device=device,
+                            dtype=dtype, progress=progress, loaded=loaded, format=format)
 
     # -- generate -----------------------------------------------------------------------------------
     written: list[Path] = []
     if not todo:
-        return GenerateResult(out, written, skipped)
+        return GenerateResult(out, written, skipped, fmt)
     out.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
@@ -245,15 +292,27 @@ def generate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
     try:
         for b in range(0, len(todo), batch_size):
             chunk = todo[b:b + batch_size]
-            images = render(loaded, [all_prompts[i] for i in chunk], [records[i]["seed"] for i in chunk],
-                            steps, sampler)
-            arrays = to_uint8(images)
-            for i, arr in zip(chunk, arrays):
-                png = out / f"{i:05d}.png"
-                save_png(arr, png)
+            chunk_prompts, seeds = [all_prompts[i] for i in chunk], [records[i]["seed"] for i in chunk]
+            if fmt == "png":
+                pictures = render(loaded, chunk_prompts, seeds, steps, sampler)
+                check_images(pictures, type(loaded.adapter).__name__)
+                outputs = list(to_uint8(pictures))
+            else:
+                cond = loaded.adapter.encode_prompts(chunk_prompts).to(loaded.device)
+                outputs = list(sample_latents(loaded, cond, seeds, steps, sampler).float().cpu())
+                bad = [i for i, x in zip(chunk, outputs) if not torch.isfinite(x).all()]
+                if bad:
+                    raise SenseflowError(f"the student's latent for prompt {bad[0]} is not finite; nothing is "
+                                         f"written for it (a diverged student? try an earlier checkpoint)")
+            for i, item in zip(chunk, outputs):
+                path = out / f"{i:05d}{EXTENSIONS[fmt]}"
+                if fmt == "png":
+                    save_png(item, path)
+                else:
+                    _save_latent(item, path, fmt)
                 _write_json(out / f"{i:05d}.json", records[i])
-                written.append(png)
+                written.append(path)
             bar.update(len(chunk))
     finally:
         bar.close()
-    return GenerateResult(out, written, skipped)
+    return GenerateResult(out, written, skipped, fmt)

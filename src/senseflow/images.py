@@ -18,6 +18,15 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def check_images(images: Tensor, source: str = "the adapter") -> None:
+    """Refuse (one line) a decoded batch that is not pictures ``[B, 1|3, H, W]`` before it is drawn."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        from .teachers.base import SenseflowError
+        raise SenseflowError(f"{source}.decode returned shape {tuple(images.shape)}, not images [B, 1|3, H, W]: "
+                             f"a model whose samples are not pictures must answer decodes_to_images() False "
+                             f"(CallableAdapter(..., images=False))")
+
+
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
     """Tile images into one ``[H, W, 3]`` uint8 array (``scale`` enlarges small images by pixel repeat)."""
     arr = to_uint8(images)

@@ -13,7 +13,11 @@ from ..teachers.base import SenseflowError
 
 
 def load_prompts(path: str | Path, column: str = "prompt") -> list[str]:
-    """Read prompts from ``.txt`` (one per line), ``.json`` (a list, or ``{"prompts": [...]}``) or ``.csv``."""
+    """Read prompts from ``.txt`` (one per line), ``.json`` (a list, or ``{"prompts": [...]}``) or ``.csv``.
+
+    Blank ``.txt`` lines and empty CSV cells are skipped; in JSON, ``""`` is kept: the empty
+    (unconditional) prompt, e.g. ``["", "a cat"]`` or ``[""]`` for an unconditional model.
+    """
     p = Path(path)
     if not p.is_file():
         raise SenseflowError(f"prompt file {str(p)!r} not found")
@@ -34,7 +38,10 @@ def load_prompts(path: str | Path, column: str = "prompt") -> list[str]:
             prompts = p.read_text().splitlines()
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SenseflowError(f"prompt file {str(p)!r} cannot be parsed ({exc.__class__.__name__})") from exc
-    prompts = [x.strip() for x in prompts if x.strip()]
+    if suffix == ".json":  # a JSON string is written on purpose: "" is the empty (unconditional) prompt
+        prompts = [x.strip() for x in prompts]
+    else:  # a blank line or CSV cell is most likely an accident: dropped
+        prompts = [x.strip() for x in prompts if x.strip()]
     if not prompts:
         raise SenseflowError(f"prompt file {str(p)!r} contains no prompts")
     return prompts

@@ -138,6 +138,15 @@ class ModelAdapter(ABC):
         """Images in ``[-1, 1]`` -> latents."""
         return images
 
+    def decodes_to_images(self) -> bool:
+        """Whether :meth:`decode` returns pictures ``[B, 1|3, H, W]``.
+
+        Sample grids and ``senseflow generate --format png`` need pictures; a model whose samples
+        are vectors or feature maps (a custom model with latent shape ``(D,)``) answers False and
+        gets raw latents instead.  Every image family keeps this default.
+        """
+        return True
+
     # -- structure -----------------------------------------------------------------------------
     def block_names(self, backbone: nn.Module) -> list[str]:
         """Qualified names of the backbone's transformer/UNet blocks (for hooks, FSDP, checkpointing)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -31,7 +32,11 @@ class CallableAdapter(ModelAdapter):
     def __init__(self, schedule: NoiseSchedule, latent_shape: Sequence[int], *, time_scale: float = 1.0,
                  prompt_encoder: PromptEncoder | None = None, guidance_kwarg: str | None = None,
                  decode: Callable[[Tensor], Tensor] | None = None, encode: Callable[[Tensor], Tensor] | None = None,
-                 blocks: Sequence[str] = (), output_norm: str | None = None) -> None:
+                 blocks: Sequence[str] = (), output_norm: str | None = None, images: bool | None = None) -> None:
+        """``images``: whether ``decode`` returns pictures (sample grids, PNG output).  ``None``
+        decides from the shapes: with a ``decode`` function, yes (its contract is images); without
+        one, the latent itself must look like a picture, ``(1|3, H, W)`` with ``H, W > 1`` -- so a
+        ``(D,)`` or ``(D, 1, 1)`` model gets raw latents instead of a crash."""
         self.schedule = schedule
         self._latent_shape = tuple(int(s) for s in latent_shape)
         self.time_scale = float(time_scale)
@@ -42,6 +47,7 @@ class CallableAdapter(ModelAdapter):
         self._blocks = list(blocks)
         self._output_norm = output_norm
         self._uncond: Conditioning | None = None
+        self._images = images
 
     def predict(self, backbone: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning,
                 embedded_guidance: Tensor | None = None) -> Tensor:
@@ -73,6 +79,14 @@ class CallableAdapter(ModelAdapter):
     def encode(self, images: Tensor) -> Tensor:
         return images if self._encode is None else self._encode(images)
 
+    def decodes_to_images(self) -> bool:
+        if self._images is not None:
+            return bool(self._images)
+        if self._decode is not None:
+            return True
+        shape = self._latent_shape
+        return len(shape) == 3 and shape[0] in (1, 3) and shape[1] > 1 and shape[2] > 1
+
     def block_names(self, backbone: nn.Module) -> list[str]:
         return list(self._blocks)
 
@@ -93,6 +107,34 @@ def load_factory(spec: str) -> Callable[..., tuple[ModelAdapter, nn.Module]]:
     if not callable(fn):
         raise SenseflowError(f"teacher.factory: {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def check_factory_call(factory: Callable[..., object], spec: str, kwargs: Mapping[str, object]) -> None:
+    """One-line error, before the factory runs, when it cannot take ``build(path, resolution, device,
+    **teacher.options)`` -- a missing parameter or an option it does not know -- naming both."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check ahead of the call
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError:
+        params = sig.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        keyword = {n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                             inspect.Parameter.KEYWORD_ONLY)}
+        known = ", ".join(n for n in params if n in keyword) or "none"
+        for name in kwargs:
+            if name not in keyword and not takes_any:
+                where = "teacher.options" if name not in ("path", "resolution", "device", "shift") else "senseflow"
+                raise SenseflowError(f"teacher.factory {spec!r} takes no argument {name!r} (passed by {where}; "
+                                     f"it takes: {known}): remove the option or add the parameter to the "
+                                     f"factory") from None
+        missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
+                   and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        raise SenseflowError(f"teacher.factory {spec!r} needs argument {missing[0] if missing else '?'!r}, which "
+                             f"senseflow does not pass: a factory is build(path, resolution, device, **options); "
+                             f"give it a default or set it in teacher.options") from None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -150,5 +192,42 @@ def tiny_example(path: str | None = None, resolution: int = 16, device: torch.de
     backbone = TinyConditionalNet().to(device)
     adapter = CallableAdapter(RectifiedFlow(shift=shift), (3, resolution, resolution),
                               prompt_encoder=HashedWordEncoder(seed=seed),
+                              blocks=[f"blocks.{i}" for i in range(len(backbone.blocks))], output_norm="norm_out")
+    return adapter, backbone
+
+
+class TinyVectorNet(nn.Module):
+    """A small MLP ``(x_t, t, text) -> velocity`` on flat vectors ``[B, D]`` (or ``[B, D, 1, 1]``)."""
+
+    def __init__(self, dim: int = 8, width: int = 64, text_dim: int = 32) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim + text_dim + 16, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(2))
+        self.norm_out = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        freqs = torch.exp(torch.arange(8, device=x.device, dtype=x.dtype) * (-math.log(1000.0) / 8))
+        ang = t.to(x.dtype)[:, None] * freqs[None] * 1000.0
+        h = self.inp(torch.cat([flat, text.to(x.dtype), ang.sin(), ang.cos()], dim=1))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(torch.nn.functional.silu(self.norm_out(h))).reshape(x.shape)
+
+
+def tiny_vector_example(path: str | None = None, resolution: int = 16, device: torch.device | str = "cpu",
+                        dim: int = 8, width: int = 64, image_shaped: bool = False, seed: int = 0,
+                        shift: float = 1.0) -> tuple[CallableAdapter, TinyVectorNet]:
+    """A randomly initialised velocity teacher whose samples are vectors, not pictures (examples, tests).
+
+    Latent shape ``(dim,)``, or ``(dim, 1, 1)`` with ``image_shaped``; ``resolution`` and ``path``
+    are unused.  ``dim``, ``width``, ``image_shaped`` and ``seed`` come from ``teacher.options``.
+    Its adapter answers ``decodes_to_images() == False``: runs save raw latents, not grids.
+    """
+    torch.manual_seed(seed)
+    backbone = TinyVectorNet(dim=dim, width=width).to(device)
+    shape = (dim, 1, 1) if image_shaped else (dim,)
+    adapter = CallableAdapter(RectifiedFlow(shift=shift), shape, prompt_encoder=HashedWordEncoder(seed=seed),
                               blocks=[f"blocks.{i}" for i in range(len(backbone.blocks))], output_norm="norm_out")
     return adapter, backbone

@@ -41,6 +41,23 @@ class RunLogger:
             self.writer.add_image(tag, grid, step, dataformats="HWC")
         return path
 
+    def latents(self, step: int, tag: str, latents: Tensor, prompts: list[str]) -> Path:
+        """Raw samples of a model whose outputs are not pictures: ``samples/<tag>_<step>.safetensors``.
+
+        ``latents`` ``[B, *latent_shape]`` float32, the prompts in the file's metadata (JSON list).
+        """
+        import os
+
+        from safetensors.torch import save_file
+
+        path = self.run_dir / "samples" / f"{tag}_{step:08d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"latents": latents.detach().float().cpu().contiguous()}, str(tmp),
+                  metadata={"prompts": json.dumps(list(prompts)), "step": str(step)})
+        os.replace(tmp, path)
+        return path
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()

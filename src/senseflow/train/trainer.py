@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import OptimizerConfig, TrainConfig
-from ..images import make_grid
+from ..images import check_images, make_grid
 from ..methods.base import Batch, Method
 from ..rng import RandomStreams, derive_seed
 from ..teachers.base import Conditioning
@@ -59,6 +59,9 @@ class TrainerHooks:
     on_log: list = field(default_factory=list)
     on_step: list = field(default_factory=list)
     on_sample: list = field(default_factory=list)
+    #: after the final checkpoint and BEFORE the final sample grid (api.train writes student/ here,
+    #: so a failure while sampling can never lose the student)
+    on_finish: list = field(default_factory=list)
 
 
 class Trainer:
@@ -183,11 +186,17 @@ class Trainer:
         with self._autocast():
             x0 = gen.sample(self.samples.noise, self.samples.cond, sampler=self.sampler, generator=g)
         gen.train(was_training)
-        images = self.method.models.teacher.adapter.decode(x0.float())
+        adapter = self.method.models.teacher.adapter
+        pictures = adapter.decodes_to_images()  # a (D,)-latent custom model has no picture to show
+        images = adapter.decode(x0.float()) if pictures else None
         if self.logger is None:  # not the main process: it only took part in the sharded forwards
             return
-        scale = max(1, 128 // images.shape[-1])
-        self.logger.image(self.step, tag, make_grid(images, nrow=min(8, len(images)), scale=scale))
+        if pictures:
+            check_images(images, type(adapter).__name__)
+            scale = max(1, 128 // images.shape[-1])
+            self.logger.image(self.step, tag, make_grid(images, nrow=min(8, len(images)), scale=scale))
+        else:
+            self.logger.latents(self.step, tag, x0.float(), self.samples.prompts)
         for hook in self.hooks.on_sample:
             hook(self, self.step)
 
@@ -229,6 +238,8 @@ class Trainer:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
             self.save()
+            for hook in self.hooks.on_finish:
+                hook(self, self.step)
             self.sample_grid()
         finally:
             bar.close()
