@@ -34,13 +34,13 @@ def register_family(name: str) -> Callable[[TeacherLoader], TeacherLoader]:
 
 @register_family("custom")
 def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
-    from .teachers.custom import load_factory
+    from .teachers.custom import call_factory, load_factory
 
     path = None if config.paths.teacher.startswith(BUILTIN_PREFIX) else config.paths.teacher
     kwargs = {"path": path, "resolution": config.teacher.resolution, "device": device}
     if config.teacher.shift is not None:
         kwargs["shift"] = config.teacher.shift
-    return load_factory(config.teacher.factory)(**kwargs)
+    return call_factory(load_factory(config.teacher.factory), config.teacher.factory, kwargs)
 
 
 def _loader_kwargs(config: Config, device: torch.device, **family_defaults) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -93,6 +94,29 @@ def load_factory(spec: str) -> Callable[..., tuple[ModelAdapter, nn.Module]]:
     if not callable(fn):
         raise SenseflowError(f"teacher.factory: {module_name!r} has no callable {attr!r}")
     return fn
+
+
+def call_factory(fn: Callable[..., tuple[ModelAdapter, nn.Module]], spec: str,
+                 kwargs: dict) -> tuple[ModelAdapter, nn.Module]:
+    """Call a factory, with a wrong signature or a wrong return value reported as one line.
+
+    The arguments are bound against the signature BEFORE the call, so a ``TypeError`` raised inside
+    a correct factory stays a traceback (a bug in the user's code, not a config problem).
+    """
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as exc:
+        raise SenseflowError(f"teacher.factory {spec!r} cannot be called as {spec.partition(':')[2]}("
+                             f"{', '.join(f'{k}=...' for k in kwargs)}): {exc}; see senseflow.teachers.custom for "
+                             "the factory signature (path, resolution, device, **options)") from None
+    except ValueError:  # no signature available (a builtin): just call it
+        pass
+    result = fn(**kwargs)
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], ModelAdapter)
+            and isinstance(result[1], nn.Module)):
+        raise SenseflowError(f"teacher.factory {spec!r} must return (ModelAdapter, nn.Module), got "
+                             f"{type(result).__name__}")
+    return result
 
 
 # -------------------------------------------------------------------------------------------------

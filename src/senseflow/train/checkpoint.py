@@ -97,6 +97,8 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], st
     tmp = root / f"step_{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
+    for name, module in networks.items():  # refuse before anything of this checkpoint exists
+        require_finite(module.state_dict(), f"checkpoint step {step} ({name})")
     require_finite(state, f"checkpoint step {step} (optimiser / trainer state)")
     tmp.mkdir()
     for name, module in networks.items():
