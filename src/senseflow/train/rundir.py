@@ -29,11 +29,12 @@ CONFIG_FILE = "config.yaml"
 HISTORY_DIR = "config_history"
 
 #: config keys whose change makes a checkpoint belong to a different run: they change the
-#: networks' shapes or dtypes (family, factory, resolution, options, LoRA, precision) or what is
-#: being optimised (the method, the anchors the student is trained for, the discriminator)
+#: networks' shapes (family, factory, resolution, family options, LoRA, the discriminator's heads)
+#: or what is being optimised (the method, the anchors the student is trained for)
 SHAPE_KEYS: tuple[str, ...] = ("teacher.family", "teacher.factory", "teacher.resolution", "teacher.options",
                                "generator.anchors", "generator.lora", "fake_score.lora", "method.name",
-                               "discriminator", "train.precision")
+                               "discriminator.layers", "discriminator.head_channels",
+                               "discriminator.head_downsamples", "discriminator.cmap_dim", "discriminator.text_dim")
 
 _MISSING = object()
 
