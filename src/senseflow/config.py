@@ -238,7 +238,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise SenseflowError(f"--set {item!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw, f"--set {item!r}") if raw != "" else ""
     except yaml.YAMLError as exc:
         raise SenseflowError(f"--set {item!r}: cannot parse value ({exc.__class__.__name__})") from exc
     return key.split("."), value

@@ -361,6 +361,12 @@ def test_a_directory_where_a_file_is_expected_is_named_as_one(tmp_path, capsys):
     assert main(["train", str(tmp_path)]) == 2
     _one_line_error(capsys, "is a directory")
     assert not out.exists()
+    from senseflow.data.image_text import load_image_text
+    from senseflow.data.prompts import load_prompts
+    from senseflow.teachers.base import SenseflowError
+    for load in (load_prompts, load_image_text):
+        with pytest.raises(SenseflowError, match="is a directory"):
+            load(folder)
 
 
 # -- 6. packaging: peft only where LoRA is used --------------------------------------------------------

@@ -15,6 +15,8 @@ from ..teachers.base import SenseflowError
 def load_prompts(path: str | Path, column: str = "prompt") -> list[str]:
     """Read prompts from ``.txt`` (one per line), ``.json`` (a list, or ``{"prompts": [...]}``) or ``.csv``."""
     p = Path(path)
+    if p.is_dir():
+        raise SenseflowError(f"prompt file {str(p)!r} is a directory; give a .txt, .json or .csv file")
     if not p.is_file():
         raise SenseflowError(f"prompt file {str(p)!r} not found")
     suffix = p.suffix.lower()

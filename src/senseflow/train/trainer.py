@@ -268,4 +268,5 @@ class Trainer:
             bar.close()
             if self.logger is not None:
                 self.logger.close()
+            self._writing = False  # a later fit() opens a fresh logger
         return self.last_logs
