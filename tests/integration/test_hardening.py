@@ -324,6 +324,25 @@ def test_first_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_p
     assert not out.exists()
 
 
+def test_running_out_of_memory_in_the_first_step_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from senseflow.train.trainer import Trainer
+
+    def oom(self, phase, batch):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes")
+    monkeypatch.setattr(Trainer, "run_phase", oom)
+    out = tmp_path / "run"
+    assert _train(tmp_path, out, "train.steps=2") == 2
+    _one_line_error(capsys, "the first training step ran out of cpu memory with train.batch_size 2")
+    assert not out.exists()
+
+    def bug(self, phase, batch):
+        raise RuntimeError("shape mismatch")  # any other error stays a traceback (a bug, not a user error)
+    monkeypatch.setattr(Trainer, "run_phase", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _train(tmp_path, out, "train.steps=2")
+    assert not out.exists()
+
+
 def test_sixteen_bit_png_is_scaled_by_its_real_bit_depth(tmp_path):
     import numpy as np
     from PIL import Image
