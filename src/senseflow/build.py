@@ -34,7 +34,7 @@ def register_family(name: str) -> Callable[[TeacherLoader], TeacherLoader]:
 
 @register_family("custom")
 def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
-    from .teachers.custom import check_factory_call, load_factory
+    from .teachers.custom import call_factory, load_factory
 
     path = None if config.paths.teacher.startswith(BUILTIN_PREFIX) else config.paths.teacher
     kwargs = {"path": path, "resolution": config.teacher.resolution, "device": device}
@@ -46,9 +46,7 @@ def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn
         raise SenseflowError(f"teacher.options.{fixed[0]}: set by senseflow (paths.teacher, teacher.resolution, "
                              f"train.device, teacher.shift); remove it from teacher.options")
     kwargs.update(config.teacher.options)
-    factory = load_factory(spec)
-    check_factory_call(factory, spec, kwargs)
-    return factory(**kwargs)
+    return call_factory(load_factory(spec), spec, kwargs)
 
 
 def _loader_kwargs(config: Config, device: torch.device, **family_defaults) -> dict:

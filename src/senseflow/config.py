@@ -22,6 +22,7 @@ from .lora import LoRAConfig
 from .methods import MethodConfig
 from .teachers.base import SenseflowError
 from .train.distributed import ParallelConfig
+from .yaml_safe import load_yaml_text
 
 BUILTIN_PREFIX = "builtin:"
 #: The procedural prompt sources and the fraction of their captions that leave positions open
@@ -48,6 +49,13 @@ class PathsConfig(StrictModel):
     cache: str | None = Field(None, description="prompt/latent cache built by `senseflow cache`; training then loads "
                               "the teacher without its text encoders (docs/data.md)")
     output: str = Field("runs/senseflow", description="run directory: config, logs, samples, checkpoints, student")
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty: give a run directory (an empty path would train into the current directory)")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> "PathsConfig":
@@ -102,10 +110,18 @@ class FakeScoreConfig(StrictModel):
 
 class OptimizerConfig(StrictModel):
     name: Literal["adamw", "adam"] = "adamw"
-    lr: float = Field(1e-6, gt=0.0)
+    lr: float = Field(1e-6, gt=0.0, le=1.0, description="learning rate (Adam moves each weight by about lr per "
+                                                         "step: above 1 it destroys the weights)")
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    eps: float = Field(1e-8, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="decoupled weight decay; lr * weight_decay < 1")
+
+    @model_validator(mode="after")
+    def _decay(self) -> "OptimizerConfig":
+        if self.lr * self.weight_decay >= 1.0:  # AdamW scales the weights by 1 - lr * wd every step
+            raise ValueError(f"lr * weight_decay = {self.lr * self.weight_decay:g} must be < 1 (AdamW multiplies "
+                             "the weights by 1 - lr * weight_decay each step)")
+        return self
 
     @field_validator("betas")
     @classmethod
@@ -123,8 +139,10 @@ class OptimConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     steps: int = Field(1000, ge=1, description="training iterations")
-    batch_size: int = Field(1, ge=1, description="per-process batch per iteration")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per iteration (batch_size must divide evenly)")
+    batch_size: int = Field(1, ge=1, le=65536, description="per-process batch per iteration (the first batch's "
+                                                             "memory is checked against the device)")
+    grad_accum: int = Field(1, ge=1, le=65536, description="micro-batches per iteration (batch_size must divide "
+                                                           "evenly)")
     grad_clip: float | None = Field(1.0, gt=0.0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -178,10 +196,10 @@ class Config(StrictModel):
             value = getattr(self.paths, key)
             if value is not None and value.startswith(BUILTIN_PREFIX) and value not in TOY_WORLDS:
                 raise SenseflowError(f"paths.{key}: unknown built-in {value!r} (available: {', '.join(TOY_WORLDS)})")
-            if value is not None and not value.startswith(BUILTIN_PREFIX) and not Path(value).is_file():
-                raise SenseflowError(f"paths.{key}: file {value!r} not found")
-        if self.paths.image_text is not None and not Path(self.paths.image_text).is_file():
-            raise SenseflowError(f"paths.image_text: file {self.paths.image_text!r} not found")
+            if value is not None and not value.startswith(BUILTIN_PREFIX):
+                require_file(value, f"paths.{key}: file")
+        if self.paths.image_text is not None:
+            require_file(self.paths.image_text, "paths.image_text: file")
         if self.paths.lmdb is not None and not Path(self.paths.lmdb).is_dir():
             raise SenseflowError(f"paths.lmdb: directory {self.paths.lmdb!r} not found")
         if self.discriminator is not None and getattr(self.method, "adversarial_weight", 0.0) > 0:
@@ -189,6 +207,15 @@ class Config(StrictModel):
         out = Path(self.paths.output)
         if out.exists() and not out.is_dir():
             raise SenseflowError(f"paths.output: {str(out)!r} exists and is not a directory")
+
+
+def require_file(path: str | os.PathLike, what: str) -> None:
+    """One-line error unless ``path`` is an existing file (a directory is named as one, not "not found")."""
+    p = Path(path)
+    if p.is_dir():
+        raise SenseflowError(f"{what} {str(p)!r} is a directory; give a file")
+    if not p.is_file():
+        raise SenseflowError(f"{what} {str(p)!r} not found")
 
 
 def _format_error(err: ValidationError) -> str:
@@ -211,7 +238,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise SenseflowError(f"--set {item!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw, f"--set {item!r}") if raw != "" else ""
     except yaml.YAMLError as exc:
         raise SenseflowError(f"--set {item!r}: cannot parse value ({exc.__class__.__name__})") from exc
     return key.split("."), value
@@ -236,10 +263,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise SenseflowError(f"config file {str(p)!r} not found")
+    require_file(p, "config file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SenseflowError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}): is it a binary file?") \
+            from None
+    except OSError as exc:
+        raise SenseflowError(f"config file {str(p)!r} cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = load_yaml_text(text, f"config file {str(p)!r}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

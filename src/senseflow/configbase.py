@@ -10,9 +10,10 @@ from .schedules import TimeSampler
 
 
 class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, assignments are validated."""
+    """A config section: unknown keys are errors, assignments are validated, numbers are finite
+    (``.inf`` / ``.nan`` in a config is always a mistake: an infinite lr or shift poisons the weights)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TimeSamplerConfig(StrictModel):

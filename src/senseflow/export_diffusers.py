@@ -220,6 +220,27 @@ def _write_readme(folder: Path, info: dict[str, Any], code: str) -> None:
     (folder / "README.md").write_text("\n".join(lines))
 
 
+_SIZE_UNITS = {"KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+
+
+def parse_shard_size(size: str | int) -> int:
+    """``--max-shard-size`` (``5GB``, ``500MB``, bytes) as bytes; anything else is a one-line error up front."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        text = str(size).strip().upper()
+        unit = text[-2:] if text[-2:] in _SIZE_UNITS else ""
+        number = text[: len(text) - len(unit)].strip()
+        try:
+            value = int(float(number) * _SIZE_UNITS.get(unit, 1)) if number.replace(".", "", 1).isdigit() else -1
+        except (ValueError, OverflowError):
+            value = -1
+    if value <= 0:
+        raise SenseflowError(f"--max-shard-size {size!r}: give a positive size such as 5GB, 500MB or a number of "
+                             "bytes")
+    return value
+
+
 def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teacher: str | os.PathLike | None = None,
                      link: str = "hardlink", max_shard_size: str | int = "5GB", dtype: str | None = None,
                      merge_lora: bool = False, overwrite: bool = False, sampler: str | None = None,
@@ -240,6 +261,7 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
         raise SenseflowError(f"--sampler must be 'stochastic' or 'euler', got {sampler!r}")
     if link not in LINK_MODES:
         raise SenseflowError(f"--link must be one of {', '.join(LINK_MODES)}, got {link!r}")
+    max_shard_size = parse_shard_size(max_shard_size)
     shown = str(out)                 # the folder as the user named it (for the snippet)
     out = Path(os.path.abspath(os.path.expanduser(str(out))))
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
@@ -283,6 +305,8 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
         if dtype is not None:
             from .build import DTYPES
             backbone.to(DTYPES[dtype])
+        from .train.finite import require_finite
+        require_finite(dict(backbone.named_parameters()), f"the exported {backbone_dir}")
         if loaded.has_lora:
             from .lora import merge_lora as merge, save_diffusers_lora
             if merge_lora:

@@ -104,7 +104,23 @@ def resolve_targets(backbone: nn.Module, target_modules: Sequence[str] | str = "
     return targets
 
 
+def peft_available() -> bool:
+    """Whether PEFT (the ``[lora]`` extra) can be imported; plain students never need it."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_peft(what: str = "LoRA adapters") -> None:
+    """One line naming the extra to install when PEFT is missing."""
+    if not peft_available():
+        raise SenseflowError(f"{what} need the peft package, which is not installed: pip install 'senseflow[lora]'")
+
+
 def _peft_config(cfg: LoRAConfig, targets: list[str]):
+    require_peft()
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.resolved_alpha, target_modules=targets, lora_dropout=cfg.dropout,
@@ -122,6 +138,7 @@ def apply_lora(backbone: nn.Module, rank: int | LoRAConfig = 16, alpha: float | 
     cfg = rank if isinstance(rank, LoRAConfig) else LoRAConfig(
         rank=rank, alpha=alpha, target_modules=list(target_modules) if not isinstance(target_modules, str)
         else target_modules, dropout=dropout)
+    require_peft()
     if has_lora(backbone):
         raise SenseflowError(f"{type(backbone).__name__} already has LoRA adapters")
     targets = resolve_targets(backbone, cfg.target_modules)
@@ -164,6 +181,8 @@ def is_lora_state_dict(keys: Iterable[str]) -> bool:
 
 
 def has_lora(module: nn.Module) -> bool:
+    if not peft_available():  # without PEFT no module can hold PEFT layers
+        return False
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(m, BaseTunerLayer) for m in module.modules())

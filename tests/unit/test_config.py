@@ -41,6 +41,15 @@ BAD = {
     "bad sampler": (["generator.sampler=heun"], "generator.sampler"),
     "negative isg weight": (["method.isg_weight=-1"], "method.isg_weight"),
     "unknown built-in prompts": (["paths.prompts=builtin:toy-wrld"], "builtin:toy-world-open"),
+    # issue 15: non-finite / out-of-range numbers that used to train (and save) NaN weights
+    "infinite lr": (["optim.generator.lr=.inf"], "optim.generator.lr: Input should be a finite number"),
+    "lr overflowing Adam": (["optim.generator.lr=1e39"], "optim.generator.lr: Input should be less than or equal"),
+    "infinite weight decay": (["optim.fake_score.weight_decay=.inf"], "optim.fake_score.weight_decay"),
+    "nan eps": (["optim.generator.eps=.nan"], "optim.generator.eps"),
+    "lr * weight decay >= 1": (["optim.generator.lr=0.5", "optim.generator.weight_decay=2"], "lr * weight_decay = 1"),
+    "infinite shift": (["teacher.shift=.inf"], "teacher.shift: Input should be a finite number"),
+    "absurd batch": (["train.batch_size=1000000000000"], "train.batch_size: Input should be less than or equal"),
+    "empty output": (["paths.output="], "paths.output: is empty"),
 }
 
 

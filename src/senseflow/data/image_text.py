@@ -50,16 +50,33 @@ class ImageTextSet:
         return len(self.prompts)
 
 
+#: 16-bit integer modes PIL opens 16-bit grayscale PNG / TIFF as (``convert("RGB")`` would clip them to white)
+_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _check_mode(img, path: Path) -> None:
+    """Refuse the pixel formats whose real bit depth is unknown (32-bit integer or float images)."""
+    if img.mode == "F" or (img.mode == "I" and img.format != "PNG"):
+        raise SenseflowError(f"image {str(path)!r} has {'float' if img.mode == 'F' else '32-bit integer'} pixels "
+                             f"(PIL mode {img.mode}), whose range is unknown: convert it to 8- or 16-bit PNG/JPEG")
+
+
 def _open_image(path: Path, decode: bool):
     from PIL import Image, UnidentifiedImageError
 
     try:
         img = Image.open(path)
+        _check_mode(img, path)
         if decode:
             img.load()
         return img
     except FileNotFoundError:
         raise SenseflowError(f"image {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise SenseflowError(f"image {str(path)!r} is a directory; image_paths must name files") from None
+    except Image.DecompressionBombError as exc:
+        raise SenseflowError(f"image {str(path)!r} is over PIL's decompression-bomb limit ({exc}); downscale it, "
+                             "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         what = "is not a readable image" if isinstance(exc, UnidentifiedImageError) else \
             f"cannot be decoded ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
@@ -69,6 +86,8 @@ def _open_image(path: Path, decode: bool):
 def load_image_text(path: str | Path, check: Check = "header") -> ImageTextSet:
     """Read and validate a SenseFlow image-text JSON (``{"keys", "image_paths", "prompts"}``)."""
     p = Path(path)
+    if p.is_dir():
+        raise SenseflowError(f"image-text file {str(p)!r} is a directory; give the JSON file")
     if not p.is_file():
         raise SenseflowError(f"image-text file {str(p)!r} not found")
     try:
@@ -92,6 +111,8 @@ def load_image_text(path: str | Path, check: Check = "header") -> ImageTextSet:
     root = p.resolve().parent
     images = [(root / x) if not Path(x).is_absolute() else Path(x) for x in lists["image_paths"]]
     for img in images:
+        if img.is_dir():
+            raise SenseflowError(f"image-text file {str(p)!r}: image {str(img)!r} is a directory")
         if not img.is_file():
             raise SenseflowError(f"image-text file {str(p)!r}: image {str(img)!r} not found")
     if check != "none":
@@ -119,6 +140,22 @@ def resize_center_crop(img, resolution: int):
     return img
 
 
+def to_rgb8(img):
+    """An 8-bit RGB image, scaled by the image's REAL bit depth.
+
+    PIL opens 16-bit grayscale PNGs as mode ``I;16`` (or ``I``) and ``convert("RGB")`` clips their
+    0..65535 values at 255 (an almost white image); here they are scaled by 255 / 65535 instead.
+    16-bit RGB(A) PNGs are already reduced to 8 bits by PIL itself.
+    """
+    from PIL import Image
+
+    if img.mode in _MODES_16BIT or img.mode == "I":  # "I" from a PNG is 16-bit grayscale (others refused)
+        arr = np.asarray(img).astype(np.float64)
+        gray = np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def load_image(path: str | Path, resolution: int) -> Tensor:
     """One image -> RGB ``[3, resolution, resolution]`` float32 in ``[-1, 1]`` (EXIF orientation applied)."""
     from PIL import ImageOps
@@ -127,8 +164,7 @@ def load_image(path: str | Path, resolution: int) -> Tensor:
     img = _open_image(path, decode=True)
     try:
         img = ImageOps.exif_transpose(img)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb8(img)
         img = resize_center_crop(img, resolution)
         arr = np.asarray(img, dtype=np.uint8).copy()
     finally:

@@ -19,6 +19,8 @@ def load_prompts(path: str | Path, column: str = "prompt") -> list[str]:
     (unconditional) prompt, e.g. ``["", "a cat"]`` or ``[""]`` for an unconditional model.
     """
     p = Path(path)
+    if p.is_dir():
+        raise SenseflowError(f"prompt file {str(p)!r} is a directory; give a .txt, .json or .csv file")
     if not p.is_file():
         raise SenseflowError(f"prompt file {str(p)!r} not found")
     suffix = p.suffix.lower()

@@ -84,7 +84,7 @@ class VFMDiscriminatorConfig(StrictModel):
     input_policy: Literal["resize", "native"] = Field(
         "resize", description="resize: bilinear (antialiased) to image_size; native: keep the resolution "
                               "(rounded to a multiple of the patch size) with interpolated position embeddings")
-    image_size: int = Field(224, ge=1, description="side of the resized input (multiple of the patch size)")
+    image_size: int = Field(224, ge=1, le=4096, description="side of the resized input (multiple of the patch size)")
     augment: list[Literal["color", "translation", "cutout"]] = Field(
         default_factory=lambda: list(POLICIES), description="differentiable augmentation of the judged image")
     translation_ratio: float = Field(0.125, ge=0.0, lt=1.0)
@@ -92,9 +92,9 @@ class VFMDiscriminatorConfig(StrictModel):
     reference: Literal["self", "other", "none"] = Field(
         "other", description="reference image: self (released code), other (another real image of the same "
                              "prompt, else the next batch element), none")
-    head_channels: int = Field(256, ge=1, description="width of each head's conv trunk")
+    head_channels: int = Field(256, ge=1, le=8192, description="width of each head's conv trunk")
     head_downsamples: int = Field(2, ge=0, description="strided 3x3 conv + residual block stages per head")
-    cmap_dim: int = Field(64, ge=1, description="channels of each head's output map / text and reference maps")
+    cmap_dim: int = Field(64, ge=1, le=8192, description="channels of each head's output map / text and reference maps")
     text_dim: int | None = Field(None, ge=1, description="expected CLIP projection width (None = the model's)")
     normalize_text: bool = Field(True, description="L2-normalise the CLIP text embedding before the projection")
     decode_checkpointing: bool = Field(False, description="recompute the VAE decode in backward (saves memory)")

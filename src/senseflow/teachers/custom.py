@@ -137,6 +137,23 @@ def check_factory_call(factory: Callable[..., object], spec: str, kwargs: Mappin
                              f"give it a default or set it in teacher.options") from None
 
 
+def call_factory(fn: Callable[..., tuple[ModelAdapter, nn.Module]], spec: str,
+                 kwargs: dict) -> tuple[ModelAdapter, nn.Module]:
+    """Call a factory, with a wrong signature or a wrong return value reported as one line.
+
+    The arguments are bound against the signature BEFORE the call (:func:`check_factory_call`), so a
+    ``TypeError`` raised inside a correct factory stays a traceback (a bug in the user's code, not a
+    config problem).
+    """
+    check_factory_call(fn, spec, kwargs)
+    result = fn(**kwargs)
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], ModelAdapter)
+            and isinstance(result[1], nn.Module)):
+        raise SenseflowError(f"teacher.factory {spec!r} must return (ModelAdapter, nn.Module), got "
+                             f"{type(result).__name__}")
+    return result
+
+
 # -------------------------------------------------------------------------------------------------
 # A tiny, self-contained example teacher (random weights): what a user model looks like.
 # -------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..teachers.base import SenseflowError
+from .finite import require_finite
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
@@ -44,15 +45,43 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a module's weights atomically; refused (one line) when any of them is NaN / inf."""
+    tensors = module_tensors(module)
+    require_finite(tensors, str(path))
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(module_tensors(module), str(tmp), metadata=metadata)
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
-def load_safetensors(module: nn.Module, path: Path) -> None:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """``load_file`` with a damaged file (truncated, empty, bad header) reported as one line."""
+    if path.is_dir():
+        raise SenseflowError(f"checkpoint file {str(path)!r} is a directory")
     if not path.is_file():
         raise SenseflowError(f"checkpoint file {str(path)!r} not found")
-    state = load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, header too large, ...
+        raise SenseflowError(f"cannot read {str(path)!r} ({' '.join(str(exc).split())[:120]}): the file is damaged; "
+                             "resume from another checkpoint") from None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``; a corrupt one is a one-line error."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise SenseflowError(f"{str(path)!r} is not a complete senseflow checkpoint (no meta.json)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SenseflowError(f"{str(Path(path) / 'meta.json')!r} is damaged ({exc.__class__.__name__}): resume "
+                             "from another checkpoint") from None
+    if not isinstance(meta, dict):
+        raise SenseflowError(f"{str(Path(path) / 'meta.json')!r} is damaged (not a JSON object)")
+    return meta
+
+
+def load_safetensors(module: nn.Module, path: Path) -> None:
+    state = read_safetensors(path)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -68,6 +97,9 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], st
     tmp = root / f"step_{step:08d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
+    for name, module in networks.items():  # refuse before anything of this checkpoint exists
+        require_finite(module.state_dict(), f"checkpoint step {step} ({name})")
+    require_finite(state, f"checkpoint step {step} (optimiser / trainer state)")
     tmp.mkdir()
     for name, module in networks.items():
         save_safetensors(module, tmp / f"{name}.safetensors")
@@ -93,8 +125,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "meta.json").is_file():
+        try:  # a damaged pointer (binary, foreign path) is ignored: the newest complete step is used
+            name = pointer.read_bytes()[:64].decode("ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        candidate = root / name
+        if name.startswith("step_") and "/" not in name and (candidate / "meta.json").is_file():
             return candidate
     complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
     return complete[-1] if complete else None
@@ -103,9 +139,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, networks: dict[str, nn.Module]) -> dict[str, Any]:
     """Load network weights from ``path`` and return the trainer state (no pickled code is run)."""
     path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise SenseflowError(f"{str(path)!r} is not a complete senseflow checkpoint (no meta.json)")
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     absent = sorted(set(networks) - set(meta.get("networks", [])))
     if absent:
         raise SenseflowError(f"checkpoint {str(path)!r} has no weights for {absent}; it was made by another method")

@@ -16,7 +16,6 @@ so loading a checkpoint never executes code from the file.  Tensor payloads alre
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 import shutil
@@ -28,12 +27,14 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from ..teachers.base import SenseflowError
-from .checkpoint import STATE_FILE, finalize
+from .checkpoint import STATE_FILE, finalize, read_meta
+from .finite import first_nonfinite
 
 _ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
                     "torch.distributed.checkpoint.planner"}
@@ -62,8 +63,11 @@ class SafeFileSystemReader(FileSystemReader):
         with self.fs.create_stream(path, "rb") as fh:
             try:
                 metadata = _MetadataUnpickler(io.BytesIO(fh.read())).load()
-            except pickle.UnpicklingError as exc:
-                raise SenseflowError(f"unsafe or corrupt checkpoint metadata in {self.path}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - refused class, truncated or foreign bytes
+                raise SenseflowError(f"unsafe or corrupt checkpoint metadata in {self.path}: "
+                                     f"{' '.join(str(exc).split())[:160] or exc.__class__.__name__}") from None
+        if not isinstance(metadata, Metadata):
+            raise SenseflowError(f"corrupt checkpoint metadata in {self.path}: not DCP metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -87,7 +91,13 @@ def save_sharded(run_dir: Path, step: int, networks: dict[str, nn.Module], optim
             shutil.rmtree(tmp)
         tmp.mkdir()
     ctx.barrier()
-    dcp.save(_state(networks, optimizers), storage_writer=FileSystemWriter(str(tmp)))
+    state = _state(networks, optimizers)
+    bad = first_nonfinite(state)  # each rank checks its shards; all agree before anything is written
+    if ctx.mean({"bad": float(bad is not None)})["bad"] > 0:
+        from .finite import TrainingDiverged
+        raise TrainingDiverged(f"refusing to write checkpoint step {step}: {bad or 'a shard on another rank'} "
+                               "holds non-finite values (NaN/inf); the previous checkpoint is kept")
+    dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
     torch.save(local_state, tmp / f"rank{ctx.rank}.pt")
     ctx.barrier()
     if ctx.is_main:
@@ -99,28 +109,51 @@ def save_sharded(run_dir: Path, step: int, networks: dict[str, nn.Module], optim
 
 
 def is_sharded(path: Path) -> bool:
-    meta = Path(path) / "meta.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("format") == "dcp"
+    return (Path(path) / "meta.json").is_file() and read_meta(Path(path)).get("format") == "dcp"
 
 
 def load_sharded(path: Path, networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                  rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load weights + optimiser state (resharding as needed); return (shared state, this rank's state or None)."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     absent = sorted(set(networks) - set(meta.get("networks", [])))
     if absent:
         raise SenseflowError(f"checkpoint {str(path)!r} has no weights for {absent}; it was made by another method")
+    SafeFileSystemReader(str(path)).read_metadata()  # refused here as one line, not inside DCP's rank wrapper
     state = _state(networks, optimizers)
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+    _dcp_load(state, path)
     for name, net in networks.items():
         set_model_state_dict(net, state["models"][name])
         if name in optimizers:
             set_optimizer_state_dict(net, optimizers[name], state["optims"][name])
-    shared = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    shared = _load_pt(path / STATE_FILE)
     local_file = path / f"rank{rank}.pt"
-    local = torch.load(local_file, map_location="cpu", weights_only=True) if local_file.is_file() else None
+    local = _load_pt(local_file) if local_file.is_file() else None
     return shared, local
+
+
+def _load_pt(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling refusal is a bad checkpoint
+        raise SenseflowError(f"cannot read {str(file)!r} safely ({exc.__class__.__name__})") from None
+
+
+def _dcp_load(state: dict[str, Any], path: Path, **kwargs: Any) -> None:
+    """``dcp.load`` with a damaged payload reported as one line (DCP wraps errors per rank)."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), **kwargs)
+    except SenseflowError:
+        raise
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's per-rank wrapper, size mismatch, ...
+        failures = list(getattr(exc, "failures", {}).values())
+        first = (failures[0][0] if isinstance(failures[0], tuple) else failures[0]) if failures else exc
+        if isinstance(first, SenseflowError):
+            raise SenseflowError(str(first)) from None
+        text = " ".join(str(first).split())[:160]
+        raise SenseflowError(f"cannot load the sharded checkpoint {str(path)!r} ({first.__class__.__name__}: "
+                             f"{text}): it is damaged or from another model") from None
 
 
 def consolidate_network(path: Path, network: str, out_file: Path, strip_prefix: str = "") -> Path:
@@ -139,7 +172,10 @@ def consolidate_network(path: Path, network: str, out_file: Path, strip_prefix: 
             template[key[len(prefix):]] = torch.empty(item.size, dtype=item.properties.dtype)
     if not template:
         raise SenseflowError(f"checkpoint {str(path)!r} holds no network {network!r}")
-    dcp.load({"models": {network: template}}, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
+    _dcp_load({"models": {network: template}}, path, no_dist=True)
+    bad = first_nonfinite(template)
+    if bad is not None:
+        raise SenseflowError(f"refusing to export {network} from {str(path)!r}: {bad} holds non-finite values")
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp")

@@ -11,7 +11,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from ..rng import RandomStreams, derive_seed
 from ..teachers.base import Conditioning
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, full_tensor
+from .finite import check_parameters
 from .logging import RunLogger, as_float
 from .sharded import is_sharded, load_sharded, save_sharded
 
@@ -87,6 +88,10 @@ class Trainer:
         self._trainable: str | None = "*"  # unknown: the first set_phase visits every network
         self.logger: RunLogger | None = None
         self.last_logs: dict[str, float] = {}
+        #: called once, right before the run writes anything (after its first step succeeded): the
+        #: builder creates the run directory and its config.yaml here, so a refused run writes nothing
+        self.before_first_write: Callable[[], None] | None = None
+        self._writing = False
 
     # -- one phase -----------------------------------------------------------------------------
     def _autocast(self):
@@ -126,6 +131,7 @@ class Trainer:
         logs[f"grad_norm/{phase}"] = norm.detach()
         if torch.isfinite(norm):
             opt.step()
+            check_parameters(params, phase, self.step, norm, opt.param_groups[0]["lr"])
             logs.update(self.method.after_step(phase))
         else:  # never let one bad batch destroy the weights
             logs[f"skipped/{phase}"] = 1.0
@@ -201,10 +207,33 @@ class Trainer:
             hook(self, self.step)
 
     # -- the loop --------------------------------------------------------------------------------
+    def _start_writing(self) -> None:
+        """The run has passed its first step: create the run directory, its config, the logger."""
+        if self._writing:
+            return
+        if self.before_first_write is not None:
+            self.before_first_write()
+        self.logger = RunLogger(self.run_dir, tensorboard=self.cfg.tensorboard) if self.ctx.is_main else None
+        self._writing = True
+
+    def _first_step(self, batch: Batch) -> dict[str, Any]:
+        """The first iteration, with running out of memory reported as one line (nothing written yet)."""
+        from .preflight import out_of_memory
+
+        logs: dict[str, Any] = {}
+        try:
+            for phase in self.method.phases(self.step):
+                logs.update(self.run_phase(phase, batch))
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            error = out_of_memory(exc, self.cfg, self.device)
+            if error is None:
+                raise
+            raise error from None
+        return logs
+
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         main = self.ctx.is_main
-        self.logger = RunLogger(self.run_dir, tensorboard=cfg.tensorboard) if main else None
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}",
                    disable=not (cfg.progress and main), dynamic_ncols=True)
         window: dict[str, float] = {}
@@ -213,8 +242,12 @@ class Trainer:
             while self.step < cfg.steps:
                 batch = self.data.next_batch()
                 logs: dict[str, Any] = {}
-                for phase in self.method.phases(self.step):
-                    logs.update(self.run_phase(phase, batch))
+                if not self._writing:
+                    logs = self._first_step(batch)
+                    self._start_writing()
+                else:
+                    for phase in self.method.phases(self.step):
+                        logs.update(self.run_phase(phase, batch))
                 self.step += 1
                 count += 1
                 for k, v in logs.items():
@@ -237,6 +270,7 @@ class Trainer:
                     self.sample_grid()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
+            self._start_writing()
             self.save()
             for hook in self.hooks.on_finish:
                 hook(self, self.step)
@@ -245,4 +279,5 @@ class Trainer:
             bar.close()
             if self.logger is not None:
                 self.logger.close()
+            self._writing = False  # a later fit() opens a fresh logger
         return self.last_logs
