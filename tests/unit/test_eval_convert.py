@@ -149,3 +149,142 @@ def test_hps_converter_refuses_incomplete_or_pickled_files_and_writes_nothing(hp
     (out / "keep.txt").write_text("x")
     assert main(["convert-weights", "hps", str(path), str(out), "--tokenizer", str(tok)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
+
+
+# ------------------------------------------------------------------ ImageReward (BLIP) reference
+
+VW, TW, DEPTH, IMG, P16 = 64, 64, 2, 32, 16
+WORDS = ["a", "red", "cat", "dog", "photo", "of", "blue", "the"]
+
+
+def official_image_reward_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Key names and shapes of ImageReward.ImageReward's state dict (BLIP ViT, BLIP med BERT, MLP)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen) * 0.05  # noqa: E731
+    vocab, positions = 5 + len(WORDS) + 2, 40
+    s = {"blip.visual_encoder.cls_token": r(1, 1, VW), "blip.visual_encoder.pos_embed": r(1, (IMG // P16) ** 2 + 1, VW),
+         "blip.visual_encoder.patch_embed.proj.weight": r(VW, 3, P16, P16),
+         "blip.visual_encoder.patch_embed.proj.bias": r(VW),
+         "blip.visual_encoder.norm.weight": 1 + r(VW), "blip.visual_encoder.norm.bias": r(VW)}
+    for i in range(DEPTH):
+        b = f"blip.visual_encoder.blocks.{i}."
+        for n in ("norm1", "norm2"):
+            s[b + n + ".weight"], s[b + n + ".bias"] = 1 + r(VW), r(VW)
+        for n, (o, inp) in {"attn.qkv": (3 * VW, VW), "attn.proj": (VW, VW), "mlp.fc1": (4 * VW, VW),
+                            "mlp.fc2": (VW, 4 * VW)}.items():
+            s[b + n + ".weight"], s[b + n + ".bias"] = r(o, inp), r(o)
+    t = "blip.text_encoder."
+    s[t + "embeddings.word_embeddings.weight"] = r(vocab, TW)
+    s[t + "embeddings.position_embeddings.weight"] = r(positions, TW)
+    s[t + "embeddings.LayerNorm.weight"], s[t + "embeddings.LayerNorm.bias"] = 1 + r(TW), r(TW)
+    s[t + "embeddings.position_ids"] = torch.arange(positions).unsqueeze(0)
+    for j in range(DEPTH):
+        b = f"{t}encoder.layer.{j}."
+        linears = {"attention.self.query": (TW, TW), "attention.self.key": (TW, TW),
+                   "attention.self.value": (TW, TW), "attention.output.dense": (TW, TW),
+                   "crossattention.self.query": (TW, TW), "crossattention.self.key": (TW, VW),
+                   "crossattention.self.value": (TW, VW), "crossattention.output.dense": (TW, TW),
+                   "intermediate.dense": (4 * TW, TW), "output.dense": (TW, 4 * TW)}
+        for n, (o, inp) in linears.items():
+            s[b + n + ".weight"], s[b + n + ".bias"] = r(o, inp), r(o)
+        for n in ("attention.output.LayerNorm", "crossattention.output.LayerNorm", "output.LayerNorm"):
+            s[b + n + ".weight"], s[b + n + ".bias"] = 1 + r(TW), r(TW)
+    s["blip.vision_proj.weight"], s["blip.vision_proj.bias"] = r(256, VW), r(256)
+    s["blip.text_proj.weight"], s["blip.text_proj.bias"] = r(256, TW), r(256)
+    dims = [TW, 1024, 128, 64, 16, 1]
+    for idx, (i, o) in zip((0, 2, 4, 6, 7), zip(dims, dims[1:])):
+        s[f"mlp.layers.{idx}.weight"], s[f"mlp.layers.{idx}.bias"] = r(o, i) * 4, r(o)
+    return s
+
+
+def blip_vit_reference(state, px):
+    """BLIP's VisionTransformer forward (timm layout): patch conv, [CLS] + pos, pre-norm blocks, final norm."""
+    g = lambda k: state["blip.visual_encoder." + k]  # noqa: E731
+    x = F.conv2d(px, g("patch_embed.proj.weight"), g("patch_embed.proj.bias"), stride=P16).flatten(2).transpose(1, 2)
+    x = torch.cat([g("cls_token").expand(x.shape[0], -1, -1), x], 1) + g("pos_embed")
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        h = F.layer_norm(x, (VW,), g(b + "norm1.weight"), g(b + "norm1.bias"), eps=1e-6)
+        q, k, v = F.linear(h, g(b + "attn.qkv.weight"), g(b + "attn.qkv.bias")).chunk(3, dim=-1)
+        a = torch.softmax(q @ k.transpose(1, 2) / VW ** 0.5, dim=-1) @ v  # one 64-wide head
+        x = x + F.linear(a, g(b + "attn.proj.weight"), g(b + "attn.proj.bias"))
+        h = F.layer_norm(x, (VW,), g(b + "norm2.weight"), g(b + "norm2.bias"), eps=1e-6)
+        x = x + F.linear(F.gelu(F.linear(h, g(b + "mlp.fc1.weight"), g(b + "mlp.fc1.bias"))),
+                         g(b + "mlp.fc2.weight"), g(b + "mlp.fc2.bias"))
+    return F.layer_norm(x, (VW,), g("norm.weight"), g("norm.bias"), eps=1e-6)
+
+
+@pytest.fixture()
+def image_reward_files(tmp_path):
+    state = official_image_reward_state()
+    path = tmp_path / "ImageReward.pt"
+    torch.save(state, path)
+    bert = tmp_path / "bert-base-uncased"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return state, path, bert
+
+
+def test_image_reward_converter_maps_every_key_and_matches_blip(image_reward_files, tmp_path):
+    from transformers import BlipForImageTextRetrieval
+
+    from senseflow.evaluation.convert.image_reward import REWARD_MEAN, REWARD_STD
+    from senseflow.evaluation.metrics.registry import build_metric
+
+    state, path, bert = image_reward_files
+    out = tmp_path / "image_reward_hf"
+    assert main(["convert-weights", "image-reward", str(path), str(out), "--tokenizer", str(bert)]) == 0
+    model = BlipForImageTextRetrieval.from_pretrained(str(out)).eval()
+    loaded = model.state_dict()
+    assert torch.equal(loaded["text_encoder.encoder.layer.1.crossattention.self.key.weight"],
+                       state["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"])
+    assert torch.equal(loaded["itm_head.weight"], torch.zeros_like(loaded["itm_head.weight"]))
+    px = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision_model(pixel_values=px).last_hidden_state,
+                                   blip_vit_reference(state, px), rtol=1e-4, atol=1e-4)
+    # the released normalisation constants of ImageReward.py
+    assert (REWARD_MEAN, REWARD_STD) == (0.16717362830052426, 1.0333394966054072)
+
+    metric = build_metric("image_reward", str(out), device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, IMG, IMG), generator=gen, dtype=torch.uint8)
+    prompts = ["a red cat", "a photo of the blue dog"]
+    metric.update(images, prompts)
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer.from_pretrained(str(out))
+    ids = tok(prompts, padding="max_length", max_length=35, truncation=True, return_tensors="pt")
+    assert ids.input_ids.shape == (2, 35) and int(ids.input_ids[0, 0]) == tok.cls_token_id
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = blip_vit_reference(state, (images.float() / 255 - mean) / std)
+        cls = model.text_encoder(input_ids=ids.input_ids, attention_mask=ids.attention_mask, encoder_hidden_states=img,
+                                 encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long)).last_hidden_state[:, 0]
+        x = cls
+        for idx in (0, 2, 4, 6, 7):
+            x = F.linear(x, state[f"mlp.layers.{idx}.weight"], state[f"mlp.layers.{idx}.bias"])
+    expected = (x[:, 0] - 0.16717362830052426) / 1.0333394966054072
+    torch.testing.assert_close(metric.scores().float(), expected, rtol=1e-4, atol=1e-4)
+    assert {p.name for p in metric.weight_files()} >= {"model.safetensors", "mlp.safetensors", "image_reward.json"}
+
+
+def test_image_reward_converter_refuses_incomplete_checkpoints(image_reward_files, tmp_path, capsys):
+    state, path, bert = image_reward_files
+    broken = dict(state)
+    del broken["blip.visual_encoder.blocks.1.attn.qkv.weight"]
+    torch.save(broken, tmp_path / "broken.pt")
+    out = tmp_path / "out"
+    assert main(["convert-weights", "image-reward", str(tmp_path / "broken.pt"), str(out), "--tokenizer",
+                 str(bert)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1 weights missing (e.g. vision_model.encoder.layers.1.self_attn.qkv.weight)" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    no_head = {k: v for k, v in state.items() if not k.startswith("mlp.layers.7")}
+    torch.save(no_head, tmp_path / "no_head.pt")
+    assert main(["convert-weights", "image-reward", str(tmp_path / "no_head.pt"), str(out), "--tokenizer",
+                 str(bert)]) == 2
+    assert "reward head mlp.layers.7.weight" in capsys.readouterr().err and not out.exists()
+    assert main(["convert-weights", "image-reward", str(path), str(out), "--tokenizer", str(tmp_path)]) == 2
+    assert "vocab.txt" in capsys.readouterr().err and not out.exists()
