@@ -36,3 +36,21 @@ def make_tiny_clip_folder(path: str | Path, *, image_size: int = 32, projection_
             "size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
             "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}))
     return path
+
+
+def make_tiny_owlv2_folder(path: str | Path, *, image_size: int = 32, patch_size: int = 8, seed: int = 0) -> Path:
+    """An ``Owlv2ForObjectDetection`` (CLIP-like towers + box/class heads) with a 16-token ``CLIPTokenizer``."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    path = Path(path)
+    tok = make_clip_tokenizer(model_max_length=16)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    Owlv2ForObjectDetection(Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)).eval() \
+        .save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
