@@ -137,3 +137,24 @@ def test_registry_names_and_unknown_names():
     with pytest.raises(SenseflowError, match="no option colour"):
         build_metric("fid_t", None, device=torch.device("cpu"), colour=True)
     assert metric_class("fid").requires == frozenset({"real"})
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_every_metric_refuses_missing_weights_in_one_line(name, tmp_path):
+    for weights, message in ((None, "no weights given|weights file"), (str(tmp_path / "missing"), "not exist|not found")):
+        with pytest.raises(MetricWeightsError, match=message) as err:
+            build_metric(name, weights, device=torch.device("cpu"))
+        text = str(err.value)
+        assert "\n" not in text and ("huggingface.co" in text or "inception-2015-12-05" in text), text
+
+
+def test_a_folder_of_the_wrong_kind_is_one_line(tmp_path):
+    from tests.helpers.eval_models import make_tiny_clip_folder
+
+    clip = make_tiny_clip_folder(tmp_path / "clip")
+    with pytest.raises(MetricWeightsError, match="model_type 'clip', expected blip") as err:
+        build_metric("image_reward", str(clip), device=torch.device("cpu"))
+    assert "convert-weights image-reward" in str(err.value)
+    with pytest.raises(MetricWeightsError, match="no inception-2015-12-05.pt") as err:
+        build_metric("fid_t", str(clip), device=torch.device("cpu"))
+    assert "\n" not in str(err.value)

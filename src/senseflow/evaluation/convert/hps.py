@@ -106,6 +106,8 @@ def convert_hps(src: str | Path, out: str | Path, *, tokenizer: str | Path | Non
     from transformers import CLIPModel
 
     src = Path(src)
+    if not src.is_file():
+        raise SenseflowError(f"{WHAT}: {src} is not a file; expected {SOURCE}")
     out = prepare_out(out, overwrite, WHAT)
     tok_files = tokenizer_files(tokenizer, WHAT, TOKENIZER_NEEDS)
     state = read_official(src, WHAT, SOURCE)

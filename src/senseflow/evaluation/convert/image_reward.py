@@ -122,6 +122,8 @@ def convert_image_reward(src: str | Path, out: str | Path, *, tokenizer: str | P
     from transformers import BlipForImageTextRetrieval
 
     src = Path(src)
+    if not src.is_file():
+        raise SenseflowError(f"{WHAT}: {src} is not a file; expected {SOURCE}")
     out = prepare_out(out, overwrite, WHAT)
     state = read_official(src, WHAT, SOURCE)
     config = blip_config(state)
