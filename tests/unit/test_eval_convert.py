@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from senseflow.cli import main
-from senseflow.teachers.base import SenseflowError
 from tests.helpers.tiny_models import make_clip_tokenizer
 
 # ------------------------------------------------------------------ open_clip (HPSv2) reference
