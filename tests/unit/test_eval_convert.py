@@ -43,21 +43,22 @@ class _Tower(nn.Module):
 class OpenCLIPLike(nn.Module):
     """Parameter names and forward of open_clip's ``CLIP`` (ViT image tower, causal text tower)."""
 
-    def __init__(self) -> None:
+    def __init__(self, w_v=W_V, w_t=W_T, layers_v=2, layers_t=2, heads_v=4, embed=EMBED, patch=PATCH, grid=GRID,
+                 vocab=VOCAB) -> None:
         super().__init__()
         visual = nn.Module()
-        visual.conv1 = nn.Conv2d(3, W_V, PATCH, PATCH, bias=False)
-        visual.class_embedding = nn.Parameter(torch.randn(W_V) * 0.1)
-        visual.positional_embedding = nn.Parameter(torch.randn(GRID * GRID + 1, W_V) * 0.1)
-        visual.ln_pre, visual.ln_post = nn.LayerNorm(W_V), nn.LayerNorm(W_V)
-        visual.transformer = _Tower(W_V, 4, 2)  # VISION_HEADS has no 64: overridden below for the test
-        visual.proj = nn.Parameter(torch.randn(W_V, EMBED) * 0.1)
+        visual.conv1 = nn.Conv2d(3, w_v, patch, patch, bias=False)
+        visual.class_embedding = nn.Parameter(torch.randn(w_v) * 0.1)
+        visual.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, w_v) * 0.1)
+        visual.ln_pre, visual.ln_post = nn.LayerNorm(w_v), nn.LayerNorm(w_v)
+        visual.transformer = _Tower(w_v, heads_v, layers_v)  # tiny: VISION_HEADS gets W_V -> 4 in the fixture
+        visual.proj = nn.Parameter(torch.randn(w_v, embed) * 0.1)
         self.visual = visual
-        self.token_embedding = nn.Embedding(VOCAB, W_T)
-        self.positional_embedding = nn.Parameter(torch.randn(CTX, W_T) * 0.1)
-        self.transformer = _Tower(W_T, 1, 2)  # 64-wide heads as open_clip's text configs
-        self.ln_final = nn.LayerNorm(W_T)
-        self.text_projection = nn.Parameter(torch.randn(W_T, EMBED) * 0.1)
+        self.token_embedding = nn.Embedding(vocab, w_t)
+        self.positional_embedding = nn.Parameter(torch.randn(CTX, w_t) * 0.1)
+        self.transformer = _Tower(w_t, w_t // 64, layers_t)  # 64-wide heads as open_clip's text configs
+        self.ln_final = nn.LayerNorm(w_t)
+        self.text_projection = nn.Parameter(torch.randn(w_t, embed) * 0.1)
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))
         self.register_buffer("attn_mask", torch.full((CTX, CTX), float("-inf")).triu(1))
 
@@ -119,6 +120,27 @@ def test_hps_converter_maps_every_key_and_matches_open_clip(hps_checkpoint, tmp_
         assert float(model.logit_scale) == pytest.approx(4.6052)
 
 
+def test_hps_config_for_the_real_vit_h_14_layout():
+    """open_clip ViT-H-14 (HPSv2): vision 1280 x 32 layers, 16 heads, patch 14 at 224; text 1024 x 24; embed 1024."""
+    from transformers import CLIPModel
+
+    from senseflow.evaluation.convert.hps import clip_config, map_open_clip
+
+    with torch.device("meta"):
+        state = OpenCLIPLike(w_v=1280, w_t=1024, layers_v=32, layers_t=24, heads_v=16, embed=1024, patch=14,
+                             grid=16, vocab=49408).state_dict()
+        config = clip_config(state)
+        expected = {k: tuple(v.shape) for k, v in CLIPModel(config).state_dict().items()
+                    if not k.endswith("position_ids")}
+    v, t = config.vision_config, config.text_config
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.patch_size,
+            v.image_size) == (1280, 32, 16, 5120, 14, 224)
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.vocab_size, t.eos_token_id) == (
+        1024, 24, 16, 49408, 49407)
+    mapped, unused = map_open_clip(state)
+    assert unused == [] and {k: tuple(x.shape) for k, x in mapped.items()} == expected
+
+
 def test_hps_converter_refuses_incomplete_or_pickled_files_and_writes_nothing(hps_checkpoint, tmp_path, capsys):
     ref, path, tok = hps_checkpoint
     state = ref.state_dict()
@@ -156,11 +178,13 @@ VW, TW, DEPTH, IMG, P16 = 64, 64, 2, 32, 16
 WORDS = ["a", "red", "cat", "dog", "photo", "of", "blue", "the"]
 
 
-def official_image_reward_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def official_image_reward_state(seed: int = 0, VW=VW, TW=TW, DEPTH=DEPTH, IMG=IMG, P16=P16, vocab=None,
+                                positions=40, meta=False) -> dict[str, torch.Tensor]:
     """Key names and shapes of ImageReward.ImageReward's state dict (BLIP ViT, BLIP med BERT, MLP)."""
     gen = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=gen) * 0.05  # noqa: E731
-    vocab, positions = 5 + len(WORDS) + 2, 40
+    r = ((lambda *shape: torch.empty(*shape, device="meta")) if meta  # noqa: E731
+         else (lambda *shape: torch.randn(*shape, generator=gen) * 0.05))
+    vocab = vocab or 5 + len(WORDS) + 2
     s = {"blip.visual_encoder.cls_token": r(1, 1, VW), "blip.visual_encoder.pos_embed": r(1, (IMG // P16) ** 2 + 1, VW),
          "blip.visual_encoder.patch_embed.proj.weight": r(VW, 3, P16, P16),
          "blip.visual_encoder.patch_embed.proj.bias": r(VW),
@@ -177,7 +201,8 @@ def official_image_reward_state(seed: int = 0) -> dict[str, torch.Tensor]:
     s[t + "embeddings.position_embeddings.weight"] = r(positions, TW)
     s[t + "embeddings.LayerNorm.weight"], s[t + "embeddings.LayerNorm.bias"] = 1 + r(TW), r(TW)
     s[t + "embeddings.position_ids"] = torch.arange(positions).unsqueeze(0)
-    for j in range(DEPTH):
+    text_depth = DEPTH if not meta else 12
+    for j in range(text_depth):
         b = f"{t}encoder.layer.{j}."
         linears = {"attention.self.query": (TW, TW), "attention.self.key": (TW, TW),
                    "attention.self.value": (TW, TW), "attention.output.dense": (TW, TW),
@@ -267,6 +292,27 @@ def test_image_reward_converter_maps_every_key_and_matches_blip(image_reward_fil
     expected = (x[:, 0] - 0.16717362830052426) / 1.0333394966054072
     torch.testing.assert_close(metric.scores().float(), expected, rtol=1e-4, atol=1e-4)
     assert {p.name for p in metric.weight_files()} >= {"model.safetensors", "mlp.safetensors", "image_reward.json"}
+
+
+def test_image_reward_config_for_the_real_blip_large_layout():
+    """ImageReward: BLIP ViT-L/16 at 224 (1024 x 24 layers, 16 heads), BERT-base (768 x 12) + [DEC]/[ENC] = 30524."""
+    from transformers import BlipForImageTextRetrieval
+
+    from senseflow.evaluation.convert.image_reward import blip_config, map_image_reward
+
+    state = official_image_reward_state(VW=1024, TW=768, DEPTH=24, IMG=224, P16=16, vocab=30524, positions=512,
+                                        meta=True)
+    config = blip_config(state)
+    v, t = config.vision_config, config.text_config
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.image_size, v.layer_norm_eps) == (
+        1024, 24, 16, 224, 1e-6)
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.encoder_hidden_size, t.vocab_size,
+            t.bos_token_id) == (768, 12, 12, 1024, 30524, 30522)
+    with torch.device("meta"):
+        expected = {k: tuple(x.shape) for k, x in BlipForImageTextRetrieval(config).state_dict().items()
+                    if not k.endswith("position_ids") and not k.startswith("itm_head.")}
+    blip, mlp, unused = map_image_reward(state)
+    assert unused == [] and {k: tuple(x.shape) for k, x in blip.items()} == expected and len(mlp) == 10
 
 
 def test_image_reward_converter_refuses_incomplete_checkpoints(image_reward_files, tmp_path, capsys):

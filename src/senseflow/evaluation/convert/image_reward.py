@@ -90,7 +90,7 @@ def map_image_reward(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[
             blip[f"vision_model.encoder.layers.{m.group(1)}.{_VIT[m.group(2)]}.{m.group(3)}"] = value
         elif key.startswith("blip.text_encoder."):
             blip["text_encoder." + key[len("blip.text_encoder."):]] = value
-        elif key.startswith(("blip.vision_proj.", "blip.text_proj.")):
+        elif key.startswith(("blip.vision_proj.", "blip.text_proj.", "blip.itm_head.")):
             blip[key[len("blip."):]] = value
         elif key in mlp_names:
             mlp[key[len("mlp."):]] = value
@@ -130,8 +130,10 @@ def convert_image_reward(src: str | Path, out: str | Path, *, tokenizer: str | P
     tok = _tokenizer(tokenizer, config.text_config.vocab_size)
     with torch.device("meta"):
         expected = BlipForImageTextRetrieval(config).state_dict()
-    expected = {k: v for k, v in expected.items() if not k.endswith("position_ids") and not k.startswith("itm_head.")}
+    expected = {k: v for k, v in expected.items() if not k.endswith("position_ids")}
     blip, mlp, unused = map_image_reward(state)
+    if "itm_head.weight" not in blip:  # ImageReward's BLIP has no ITM head; zeros are written instead
+        expected = {k: v for k, v in expected.items() if not k.startswith("itm_head.")}
     check_complete(blip, expected, unused, WHAT, src)
     missing_mlp = [k for k in mlp_keys() if k not in mlp]
     if missing_mlp:
@@ -141,8 +143,10 @@ def convert_image_reward(src: str | Path, out: str | Path, *, tokenizer: str | P
     with torch.no_grad():
         model.itm_head.weight.zero_()
         model.itm_head.bias.zero_()
-    model.load_state_dict(blip, strict=False)
+    model.load_state_dict(blip, strict=False)  # every other key was checked above
     model.eval()
+    itm = ("from the checkpoint" if "itm_head.weight" in blip
+           else "zeros: not in ImageReward.pt, never used by the score")
 
     def write(folder: Path) -> None:
         model.save_pretrained(str(folder))
@@ -152,5 +156,5 @@ def convert_image_reward(src: str | Path, out: str | Path, *, tokenizer: str | P
             {"mean": REWARD_MEAN, "std": REWARD_STD, "max_length": MAX_LENGTH,
              "image_size": int(config.vision_config.image_size)}, indent=2) + "\n")
 
-    meta = source_meta(src, "image_reward", itm_head="zeros: not in ImageReward.pt, never used by the score")
+    meta = source_meta(src, "image_reward", itm_head=itm)
     return write_atomic(out, write, meta)

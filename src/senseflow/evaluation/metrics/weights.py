@@ -8,6 +8,7 @@ normally get the weights -- never fall back to a randomly initialised model.
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +86,9 @@ def load_state_dict(path: str | Path, what: str, source: str) -> dict[str, Tenso
             raise MetricWeightsError(f"{what}: {path} is not a readable safetensors file ({exc}); "
                                      f"expected {source}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a refused file is reported below in one line, not with torch's warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "needs arbitrary classes"
         raise MetricWeightsError(f"{what}: {path} cannot be read without executing pickled code ({first[:120]}); "
