@@ -124,6 +124,8 @@ def test_fid_against_real_images_uses_update_real(inception_pt):
     assert set(out) == {"fid", "patch_fid"} and abs(out["fid"]) < 1e-2
     with pytest.raises(ValueError, match="uint8"):
         metric.update(real.float(), ["p"] * 5)
+    with pytest.raises(SenseflowError, match="at least 299x299 px, got 256x256; pass patch=False"):
+        metric.update(_images(2, 256, 3), ["p"] * 2)
 
 
 def test_registry_names_and_unknown_names():

@@ -210,7 +210,11 @@ class Compositional(Metric):
 
     @torch.no_grad()
     def detect(self, image: Tensor, classes: Sequence[str], threshold: float) -> dict[str, list[Detection]]:
-        """OWLv2 on one uint8 image: per class, boxes (pixels) above ``threshold`` after NMS, best first."""
+        """OWLv2 on one uint8 image: per class, boxes (pixels) above ``threshold`` after NMS, best first.
+
+        Preprocessing as ``Owlv2ImageProcessor``: pad to a square at the bottom/right with grey, resize to the
+        model's size, OpenAI mean/std -- with PIL bicubic for the resize (the processor's anti-aliased
+        scipy resize is close but not bit-equal; its fast variant needs torchvision)."""
         _, h, w = image.shape
         side = max(h, w)
         padded = torch.full((3, side, side), 128, dtype=torch.uint8)  # Owlv2ImageProcessor pads with grey (0.5)

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ...teachers.base import SenseflowError
 from .base import Metric, check_uint8_images
 from .frechet import FrechetDistance
 from .inception import load_inception
@@ -54,6 +55,9 @@ class _InceptionFrechet(Metric):
 
     def _add(self, images: Tensor, real: bool, what: str) -> None:
         check_uint8_images(images, what)
+        if self.patch is not None and min(images.shape[-2:]) < PATCH:
+            raise SenseflowError(f"{what}: Patch FID needs images of at least {PATCH}x{PATCH} px, got "
+                                 f"{images.shape[-2]}x{images.shape[-1]}; pass patch=False for small images")
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start:start + self.batch_size]
             self.full.update(self._full_inputs(chunk), real=real)
