@@ -9,7 +9,7 @@ from torch import nn
 
 from senseflow.evaluation.metrics.base import MetricWeightsError
 from senseflow.evaluation.metrics.frechet import FrechetDistance
-from senseflow.evaluation.metrics.registry import METRICS, build_metric, metric_class
+from senseflow.evaluation.metrics.registry import METRICS, build_metric, metric_class, metric_requires
 from senseflow.teachers.base import SenseflowError
 
 
@@ -137,6 +137,10 @@ def test_registry_names_and_unknown_names():
     with pytest.raises(SenseflowError, match="no option colour"):
         build_metric("fid_t", None, device=torch.device("cpu"), colour=True)
     assert metric_class("fid").requires == frozenset({"real"})
+    assert metric_requires("fid_t") == frozenset({"reference"})
+    assert metric_requires("fd_dinov2") == frozenset({"real"})
+    assert metric_requires("fd_dinov2", against="reference") == frozenset({"reference"})
+    assert metric_requires("clip_score", prefix="A photo depicts ") == frozenset()
 
 
 @pytest.mark.parametrize("name", sorted(METRICS))

@@ -40,6 +40,10 @@ class FDDinov2(Metric):
     name = "fd_dinov2"
     requires = frozenset({"real"})
 
+    @classmethod
+    def requires_for(cls, against: str = "real", **_: object) -> frozenset[str]:
+        return frozenset({"reference" if against == "reference" else "real"})
+
     def __init__(self, weights: str | Path | None, *, device: torch.device, batch_size: int = 32,
                  against: str = "real", size: int = 224) -> None:
         from transformers import Dinov2Model
@@ -53,7 +57,7 @@ class FDDinov2(Metric):
             raise MetricWeightsError(f"fd_dinov2: cannot load {self.folder} ({str(exc).splitlines()[0][:160]}); "
                                      f"expected {SOURCE}") from None
         self.against = against
-        self.requires = frozenset({"real" if against == "real" else "reference"})  # per instance, by option
+        self.requires = self.requires_for(against)  # per instance, by option
         self.key = "fd_dinov2" if against == "real" else "fd_dinov2_t"
         self.size = int(size)
         self.batch_size = int(batch_size)

@@ -36,6 +36,17 @@ def metric_class(name: str) -> type[Metric]:
     return getattr(importlib.import_module(module), cls)
 
 
+def metric_requires(name: str, **options: Any) -> frozenset[str]:
+    """What the runner must provide for ``name`` with these options, without loading any weights.
+
+    Usually the class's ``requires``; a metric whose inputs depend on an option (``fd_dinov2`` with
+    ``against="reference"``) answers through a ``requires_for(**options)`` classmethod.
+    """
+    cls = metric_class(name)
+    hook = getattr(cls, "requires_for", None)
+    return frozenset(hook(**options)) if hook is not None else cls.requires
+
+
 def build_metric(name: str, weights: str | None, *, device: torch.device, batch_size: int = 32,
                  **options: Any) -> Metric:
     """Build metric ``name`` from local ``weights`` (a file or folder; see docs/evaluation_metrics.md)."""
