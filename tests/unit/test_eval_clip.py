@@ -105,3 +105,28 @@ def test_missing_or_wrong_clip_folders_are_one_line(tmp_path, clip_dir):
             with pytest.raises(MetricWeightsError, match=message) as err:
                 build_metric(name, None if folder is None else str(folder), device=CPU)
             assert "\n" not in str(err.value) and "huggingface.co" in str(err.value)
+
+
+def test_preprocessing_equals_transformers_pil_clip_processor(clip_dir, tmp_path):
+    """Independent check of resize + crop + normalise: transformers' PIL CLIP processor on the same images."""
+    import json
+
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from PIL import Image
+
+    folder = tmp_path / "clip224"
+    import shutil
+
+    shutil.copytree(clip_dir, folder)
+    cfg = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
+           "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    (folder / "preprocessor_config.json").write_text(json.dumps(cfg))
+    from senseflow.evaluation.metrics.clip_common import CLIPEmbedder
+
+    emb = CLIPEmbedder(folder, what="t", source="t", device=CPU)
+    images = _images(2, 512, seed=5)[..., :384, :]  # 384x512 -> 224x298 -> centre 224 (even margins)
+    ours = emb.pixels(images)
+    proc = CLIPImageProcessorPil(**cfg)
+    theirs = proc(images=[Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images],
+                  return_tensors="pt").pixel_values
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

@@ -125,6 +125,8 @@ def test_scores_are_per_tag_means_then_their_mean(folders, tmp_path, monkeypatch
     # single_object: cat found, dog not -> 0.5; counting: exactly two cats -> 1.0; overall = mean of tags
     assert out == {"compositional": 0.75, "compositional_counting": 1.0, "compositional_single_object": 0.5}
     assert meta in metric.weight_files()
+    assert [r["correct"] for r in metric.per_image()] == [True, False, True]
+    assert metric.per_image()[2]["detected"] == {"cat": 2}
 
 
 def test_compositional_weight_and_metadata_errors_are_one_line(folders, tmp_path):

@@ -269,6 +269,8 @@ class Compositional(Metric):
             detected = self.detect(image, classes, threshold)
             ok = judge(spec, detected, lambda cls, det, im=image: self.colour(im, cls, det), self.margin)
             self._results[spec.get("tag", "untagged")].append(bool(ok))
+            self._per_image.append({"prompt": prompt, "tag": spec.get("tag", "untagged"), "correct": bool(ok),
+                                    "detected": {c: len(d) for c, d in detected.items()}})
 
     def compute(self) -> dict[str, float]:
         if not self._results:
@@ -278,8 +280,13 @@ class Compositional(Metric):
         out.update({f"compositional_{tag}": v for tag, v in per_tag.items()})
         return out
 
+    def per_image(self) -> list[dict]:
+        """One record per image in update order: prompt, tag, correct, objects detected per class."""
+        return list(self._per_image)
+
     def reset(self) -> None:
         self._results: dict[str, list[bool]] = defaultdict(list)
+        self._per_image: list[dict] = []
 
     def weight_files(self) -> list[Path]:
         files = hf_weight_files(self.folder)
