@@ -1,0 +1,1 @@
+"""Converters from official metric checkpoints into transformers folders (``senseflow convert-weights``)."""
