@@ -76,8 +76,12 @@ def _state(networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opt
 
 
 def save_sharded(run_dir: Path, step: int, networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                 shared_state: dict[str, Any], local_state: dict[str, Any], ctx, keep: int = 2) -> Path:
-    """Every rank calls this; rank 0 finalises the directory atomically once all ranks have written."""
+                 shared_state: dict[str, Any], local_state: dict[str, Any], ctx, keep: int = 2,
+                 extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Every rank calls this; rank 0 finalises the directory atomically once all ranks have written.
+
+    ``extra``: more (sharded) tensor sets saved under ``extra.<name>.*`` (e.g. the generator EMA).
+    """
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -87,13 +91,18 @@ def save_sharded(run_dir: Path, step: int, networks: dict[str, nn.Module], optim
             shutil.rmtree(tmp)
         tmp.mkdir()
     ctx.barrier()
-    dcp.save(_state(networks, optimizers), storage_writer=FileSystemWriter(str(tmp)))
+    state = _state(networks, optimizers)
+    if extra:
+        state["extra"] = extra
+    dcp.save(state, storage_writer=FileSystemWriter(str(tmp)))
     torch.save(local_state, tmp / f"rank{ctx.rank}.pt")
     ctx.barrier()
     if ctx.is_main:
         torch.save(shared_state, tmp / STATE_FILE)
-        finalize(tmp, final, {"step": step, "networks": sorted(networks), "format": "dcp",
-                              "world_size": ctx.world_size}, keep)
+        meta = {"step": step, "networks": sorted(networks), "format": "dcp", "world_size": ctx.world_size}
+        if extra:
+            meta["extra"] = sorted(extra)
+        finalize(tmp, final, meta, keep)
     ctx.barrier()
     return final
 
@@ -104,14 +113,21 @@ def is_sharded(path: Path) -> bool:
 
 
 def load_sharded(path: Path, networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                 rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load weights + optimiser state (resharding as needed); return (shared state, this rank's state or None)."""
+                 rank: int = 0, extra: dict[str, dict[str, torch.Tensor]] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load weights + optimiser state (resharding as needed); return (shared state, this rank's state or None).
+
+    ``extra``: tensor sets to fill in place, those of them the checkpoint lists in ``meta.json``.
+    """
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     absent = sorted(set(networks) - set(meta.get("networks", [])))
     if absent:
         raise SenseflowError(f"checkpoint {str(path)!r} has no weights for {absent}; it was made by another method")
     state = _state(networks, optimizers)
+    saved_extra = set(meta.get("extra", []))
+    if extra and saved_extra & set(extra):
+        state["extra"] = {k: v for k, v in extra.items() if k in saved_extra}
     dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
     for name, net in networks.items():
         set_model_state_dict(net, state["models"][name])
