@@ -234,6 +234,8 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
 
     spec = loaded.spec if loaded is not None else read_student(student)
     spec.weights_file(weights)            # the requested weight set exists (one-line error otherwise)
+    if loaded is not None and weights is not None and weights != loaded.weights:
+        raise SenseflowError(f"weights={weights!r} but the student passed as `loaded` holds its {loaded.weights} weights")
     if spec.family not in DIFFUSERS_FAMILIES:
         raise SenseflowError(f"export writes a diffusers pipeline folder, which needs an sd3, flux, sdxl or sana "
                              f"teacher; this student's family is {spec.family!r} (use senseflow generate)")

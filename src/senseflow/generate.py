@@ -211,6 +211,8 @@ def generate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
     spec = loaded.spec if loaded is not None else read_student(student)
     spec.weights_file(weights)            # the requested weight set exists (one-line error otherwise)
     kind = weights or (loaded.weights if loaded is not None else spec.default_weights)
+    if loaded is not None and weights is not None and weights != loaded.weights:
+        raise SenseflowError(f"weights={weights!r} but the student passed as `loaded` holds its {loaded.weights} weights")
     all_prompts = load_prompts(prompts)
     if not 0 <= start_idx < len(all_prompts):
         raise SenseflowError(f"--start-idx {start_idx} is out of range: {prompts} has {len(all_prompts)} prompts "

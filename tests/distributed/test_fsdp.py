@@ -129,7 +129,7 @@ def test_sharded_checkpoint_resume_and_world_size_change(tmp_path):
     torchrun("train", str(one), "2")
     from tests.distributed.worker import METHODS
     trainer = api.build_trainer(config(one, "train.steps=4", *METHODS["senseflow"], *TRAIN_EMA), resume="auto")
-    assert trainer.step == 2 and trainer.ema.images_seen == 2 * 8      # 2 steps x 2 ranks x batch 4
+    assert trainer.step == 2 and trainer.ema.images_seen == 1 * 8      # ttur 2: one G step (2 ranks x batch 4)
     gathered = load_file(str(one / "student/student_raw.safetensors"))
     for k, v in trainer.method.models.generator.denoiser.backbone.state_dict().items():
         assert torch.equal(v, gathered[k]), k
