@@ -171,6 +171,21 @@ class GeneratorEMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.images_seen = int(state["images_seen"])
 
+    def resume(self, path: Path, state: dict[str, Any] | None, sharded: bool) -> None:
+        """Take the EMA back from checkpoint ``path`` (a sharded one was already filled in place by DCP).
+
+        A checkpoint without an EMA (the EMA was enabled on a running run) restarts it from the weights.
+        """
+        from .checkpoint import checkpoint_extras
+        name = "ema" if sharded else EMA_NAME
+        if name not in checkpoint_extras(path) or state is None:
+            self.reset()
+            return
+        if not sharded:
+            from safetensors.torch import load_file
+            self.load_tensors(load_file(str(Path(path) / f"{EMA_NAME}.safetensors")), path)
+        self.load_state_dict(state)
+
     def tensors(self) -> dict[str, Tensor]:
         """The EMA as CPU fp32 tensors keyed by parameter name (single-process checkpoints)."""
         return {n: _local(t).detach().cpu().contiguous().clone() for n, t in self.shadow.items()}
@@ -222,7 +237,8 @@ def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def ema_backbone_state(raw: dict[str, Tensor], ema: dict[str, Tensor], prefix: str = BACKBONE_PREFIX) -> dict[str, Tensor]:
+def ema_backbone_state(raw: dict[str, Tensor], ema: dict[str, Tensor],
+                      prefix: str = BACKBONE_PREFIX) -> dict[str, Tensor]:
     """The backbone state dict with the EMA in place of every averaged parameter (raw dtype)."""
     out = dict(raw)
     for name, value in ema.items():
@@ -233,13 +249,13 @@ def ema_backbone_state(raw: dict[str, Tensor], ema: dict[str, Tensor], prefix: s
     return out
 
 
-def consolidate_ema(path: Path, prefix: str = BACKBONE_PREFIX) -> dict[str, Tensor]:
+def consolidate_ema(path: Path) -> dict[str, Tensor]:
     """Gather the EMA of a sharded (DCP) checkpoint into full CPU tensors (one process, no GPU)."""
     import torch.distributed.checkpoint as dcp
 
     from .sharded import SafeFileSystemReader
     metadata = SafeFileSystemReader(str(path)).read_metadata()
-    head = f"extra.ema."
+    head = "extra.ema."
     template = {key[len(head):]: torch.empty(item.size, dtype=item.properties.dtype)
                 for key, item in metadata.state_dict_metadata.items() if key.startswith(head) and hasattr(item, "size")}
     if not template:

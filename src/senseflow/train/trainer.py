@@ -22,7 +22,7 @@ from ..images import make_grid
 from ..methods.base import Batch, Method
 from ..rng import RandomStreams, derive_seed
 from ..teachers.base import Conditioning
-from .checkpoint import checkpoint_extras, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, full_tensor
 from .ema import EMA_NAME, EMAConfig, GeneratorEMA
 from .logging import RunLogger, as_float
@@ -177,7 +177,8 @@ class Trainer:
             self.rng.shared.set_state(shared["rng_shared"])
             self.data.load_state_dict(shared["data"])
             self.step = int(shared["step"])
-            self._resume_ema(path, "ema", shared.get("ema"))
+            if self.ema is not None:
+                self.ema.resume(path, shared.get("ema"), sharded=True)
             return True
         if self.ctx.distributed:
             from ..teachers.base import SenseflowError
@@ -189,20 +190,9 @@ class Trainer:
         self.rng.load_state_dict(state["rng"])
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
-        if self.ema is not None and EMA_NAME in checkpoint_extras(path):
-            from safetensors.torch import load_file
-            self.ema.load_tensors(load_file(str(path / f"{EMA_NAME}.safetensors")), path)
-        self._resume_ema(path, EMA_NAME, state.get("ema"))
+        if self.ema is not None:
+            self.ema.resume(path, state.get("ema"), sharded=False)
         return True
-
-    def _resume_ema(self, path: Path, name: str, state: dict[str, Any] | None) -> None:
-        """Take the EMA's counters back; a checkpoint without an EMA (EMA newly enabled) restarts it from the weights."""
-        if self.ema is None:
-            return
-        if name in checkpoint_extras(path) and state is not None:
-            self.ema.load_state_dict(state)
-        else:
-            self.ema.reset()
 
     def eval_weights(self):
         """Context in which the generator holds the weights served for sampling / evaluation.
