@@ -243,3 +243,19 @@ def test_enabling_ema_on_a_run_without_one_starts_it_from_the_weights(tmp_path):
     assert resumed.step == 2 and resumed.ema.images_seen == 0
     raw = resumed.networks["generator"].state_dict()
     assert all(torch.equal(v, raw[k]) for k, v in resumed.ema.tensors().items())
+
+
+def test_lora_student_with_ema_averages_only_the_adapters(tmp_path):
+    from senseflow.student import load_student
+    trainer = api.train(_config(tmp_path, "train.steps=2", *METHODS["senseflow"], "method.ttur=1",
+                                "generator.lora={rank: 4, target_modules: all-linear}",
+                                "fake_score.lora={rank: 4, target_modules: all-linear}", "generator.ema={decay: 0.5}"))
+    ema = trainer.ema.tensors()
+    assert ema and all("lora_" in n for n in ema), list(ema)[:3]
+    for kind in ("ema", "raw"):       # both sets load back as LoRA students; each holds its own adapters
+        state = load_student(tmp_path / "run", weights=kind).backbone.state_dict()
+        want = ema if kind == "ema" else {n: p.detach() for n, p in trainer.networks["generator"].named_parameters()
+                                          if n in ema}
+        assert all(torch.equal(state[n.removeprefix("denoiser.backbone.")], v) for n, v in want.items()), kind
+    assert any(not torch.equal(ema[n], p.detach()) for n, p in trainer.networks["generator"].named_parameters()
+               if n in ema)
