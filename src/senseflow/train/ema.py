@@ -159,8 +159,8 @@ class GeneratorEMA:
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(raw, backup)
+            with torch.no_grad():   # local tensors asked for again: a first forward may have re-pointed them
+                torch._foreach_copy_([_local(p) for p in self.params], backup)
             _fsdp_reshard(self.module)   # gathered EMA weights must not survive into training
 
     # -- state -------------------------------------------------------------------------------------
