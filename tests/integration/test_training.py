@@ -208,6 +208,7 @@ def test_ida_with_mismatched_lora_is_a_config_error(tmp_path):
         _config(tmp_path, *METHODS["senseflow"], "generator.lora={rank: 4}")
 
 
+@pytest.mark.slow
 def test_resume_with_ema_is_bit_identical(tmp_path):
     """generator.ema (half-life with ramp-up, EMA-served sample grids): split + resume == straight, EMA included."""
     from safetensors.torch import load_file
