@@ -118,7 +118,7 @@ def _build(config: Config, ctx: DistContext, run_dir: Path, ckpt: Path | None, h
     optim = {"generator": config.optim.generator, "fake_score": config.optim.fake_score,
              "discriminator": config.optim.discriminator}
     trainer = Trainer(method, data, config.train, optim, run_dir, rng, device, samples=samples,
-                      sampler=config.generator.sampler, hooks=hooks, ctx=ctx)
+                      sampler=config.generator.sampler, hooks=hooks, ctx=ctx, ema=config.generator.ema)
     if ckpt is not None:
         trainer.resume(ckpt)
     step = trainer.step
@@ -152,7 +152,10 @@ def write_student(trainer: Trainer, config: Config) -> None:
             "images": trainer.method.models.teacher.adapter.decodes_to_images()}  # generate: PNG or raw latents
     if config.generator.lora is not None:  # load_student rebuilds the adapters from this
         meta["lora"] = config.generator.lora.model_dump()
-    if trainer.ctx.distributed:  # gather the sharded student from the final checkpoint
+    if trainer.ema is not None:  # student.safetensors = generator.ema.weights, the other set named by kind
+        from .train.ema import export_student_with_ema
+        export_student_with_ema(trainer, trainer.run_dir / "student", meta)
+    elif trainer.ctx.distributed:  # gather the sharded student from the final checkpoint
         from .train.checkpoint import latest_checkpoint as latest
         from .train.sharded import consolidate_network
         trainer.ctx.barrier()

@@ -11,7 +11,8 @@ def _generate(args: argparse.Namespace) -> int:
     result = generate(args.student, args.prompts, args.out, teacher=args.teacher, start_idx=args.start_idx,
                       num_prompts=args.num_prompts, batch_size=args.batch_size, steps=args.steps,
                       sampler=args.sampler, seed=args.seed, device=args.device, dtype=args.dtype,
-                      progress=not args.no_progress, format=args.format)
+                      progress=not args.no_progress, format=args.format,
+                      weights=args.weights)
     done = f" ({result.skipped} already there)" if result.skipped else ""
     what = "images" if result.format == "png" else f"latents ({result.format})"
     print(f"wrote {len(result.written)} {what} to {result.out}{done}")
@@ -25,7 +26,7 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export_diffusers(args.student, args.out, teacher=args.teacher, link=args.link,
                            max_shard_size=args.max_shard_size, dtype=args.dtype, merge_lora=args.merge_lora,
-                           overwrite=args.overwrite, sampler=args.sampler)
+                           overwrite=args.overwrite, sampler=args.sampler, weights=args.weights)
     info = json.loads((out / EXPORT_META).read_text())
     print(f"exported a {info['steps']}-step {info['sampler']} {info['pipeline']} to {out}; run it with:\n")
     print(info["snippet"])
@@ -58,6 +59,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="png: decoded images; safetensors / npy: the raw latents x0 (before decode), float32, "
                         "one file per prompt; auto (default): png, or safetensors for a model whose outputs are "
                         "not images")
+    g.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="weight set of a run that kept an EMA (generator.ema): ema or raw (default: the student's "
+                        "student.safetensors, the EMA unless the run set generator.ema.weights: raw)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
@@ -81,5 +85,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--merge-lora", action="store_true",
                    help="LoRA students: merge the adapters into the backbone instead of writing "
                         "pytorch_lora_weights.safetensors")
+    e.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="weight set of a run that kept an EMA (generator.ema): ema or raw (default: the student's "
+                        "student.safetensors, the EMA unless the run set generator.ema.weights: raw)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     e.set_defaults(func=_export)

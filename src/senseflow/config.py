@@ -23,6 +23,7 @@ from .methods import MethodConfig
 from .teachers.base import SenseflowError
 from .train.distributed import ParallelConfig
 from .yaml_safe import load_yaml_text
+from .train.ema import EMAConfig
 
 BUILTIN_PREFIX = "builtin:"
 #: The procedural prompt sources and the fraction of their captions that leave positions open
@@ -91,6 +92,9 @@ class GeneratorConfig(StrictModel):
         "stochastic", description="stochastic: fresh noise at every anchor (SenseFlow tables); euler: deterministic")
     lora: LoRAConfig | None = Field(None, description="train LoRA adapters on a frozen copy of the teacher instead "
                                                       "of the whole backbone: {rank, alpha, target_modules}")
+    ema: EMAConfig | None = Field(None, description="keep an fp32 EMA of the generator (served by sample grids, "
+                                  "evaluation, student/, generate and export): {decay | halflife_kimg, "
+                                  "rampup_ratio, start_step, weights}; docs/config.md#generatorema")
 
     @field_validator("anchors")
     @classmethod

@@ -244,15 +244,19 @@ def parse_shard_size(size: str | int) -> int:
 def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teacher: str | os.PathLike | None = None,
                      link: str = "hardlink", max_shard_size: str | int = "5GB", dtype: str | None = None,
                      merge_lora: bool = False, overwrite: bool = False, sampler: str | None = None,
-                     loaded: LoadedStudent | None = None) -> Path:
+                     loaded: LoadedStudent | None = None, weights: str | None = None) -> Path:
     """Write the diffusers folder ``out`` for a trained student (see module docstring); returns ``out``.
 
     ``sampler`` overrides the student's sampler (``student.json``).  ``loaded`` (a student already
-    loaded with :func:`~senseflow.student.load_student`) is not modified.
+    loaded with :func:`~senseflow.student.load_student`) is not modified.  ``weights`` (``ema`` /
+    ``raw``) picks the weight set of a student that kept an EMA (default: ``student.safetensors``).
     """
     from .teachers.loading import read_model_index
 
     spec = loaded.spec if loaded is not None else read_student(student)
+    spec.weights_file(weights)            # the requested weight set exists (one-line error otherwise)
+    if loaded is not None and weights is not None and weights != loaded.weights:
+        raise SenseflowError(f"weights={weights!r} but the student passed as `loaded` holds its {loaded.weights} weights")
     if spec.family not in DIFFUSERS_FAMILIES:
         raise SenseflowError(f"export writes a diffusers pipeline folder, which needs an sd3, flux, sdxl or sana "
                              f"teacher; this student's family is {spec.family!r} (use senseflow generate)")
@@ -282,7 +286,7 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
                                  f"copy it from the original model")
     own = loaded is None
     if loaded is None:
-        loaded = load_student(spec.folder, teacher=teacher, device="cpu", dtype=None)
+        loaded = load_student(spec.folder, teacher=teacher, device="cpu", dtype=None, weights=weights)
     if spec.family == "sana" and getattr(loaded.adapter, "prediction", "flow") == "trigflow":
         raise SenseflowError("SANA-Sprint (TrigFlow) students do not export to a stock pipeline yet: use "
                              "senseflow generate")
@@ -329,7 +333,8 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
                 "scheduler": type(scheduler).__name__, "sampler": sampler, "steps": len(spec.anchors),
                 "anchors": spec.anchors, "resolution": spec.resolution, "teacher": str(teacher_dir),
                 "student": str(spec.folder.resolve()), "lora": lora, "seeding": seeding(spec.family),
-                "call": call, "snippet": code, "method": spec.meta.get("method"), "step": spec.meta.get("step")}
+                "call": call, "snippet": code, "method": spec.meta.get("method"), "step": spec.meta.get("step"),
+                "weights": loaded.weights}
         (tmp / EXPORT_META).write_text(json.dumps(info, indent=2))
         _write_readme(tmp, info, code)
         old = None

@@ -234,13 +234,15 @@ def generate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
              teacher: str | os.PathLike | None = None, start_idx: int = 0, num_prompts: int | None = None,
              batch_size: int = 4, steps: int | None = None, sampler: str | None = None, seed: int = 0,
              device: str = "auto", dtype: str | None = None, progress: bool = True,
-             loaded=None, format: str = "auto") -> GenerateResult:
+             loaded=None, format: str = "auto", weights: str | None = None) -> GenerateResult:
     """Write ``NNNNN.png`` + ``NNNNN.json`` for prompts ``start_idx .. start_idx + num_prompts - 1``.
 
     ``format``: ``png``, or ``safetensors`` / ``npy`` for the raw latent ``x0`` (before decode);
     ``auto`` picks PNG unless the student's outputs are not images (``student.json`` ``images``,
     or its adapter's ``decodes_to_images()``).  ``loaded`` (a
     :class:`~senseflow.student.LoadedStudent`) skips loading the student again.
+    ``weights`` (``ema`` / ``raw``): the weight set of a student that kept an EMA (default: its
+    ``student.safetensors``, the EMA unless the run chose otherwise).
     """
     from .data.prompts import load_prompts
     from .images import check_images, save_png, to_uint8
@@ -250,6 +252,10 @@ def generate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
     spec = loaded.spec if loaded is not None else read_student(student)
     images = loaded.adapter.decodes_to_images() if loaded is not None else spec.meta.get("images")
     fmt = _resolve_format(format, images)
+    spec.weights_file(weights)            # the requested weight set exists (one-line error otherwise)
+    kind = weights or (loaded.weights if loaded is not None else spec.default_weights)
+    if loaded is not None and weights is not None and weights != loaded.weights:
+        raise SenseflowError(f"weights={weights!r} but the student passed as `loaded` holds its {loaded.weights} weights")
     all_prompts = load_prompts(prompts)
     if not 0 <= start_idx < len(all_prompts):
         raise SenseflowError(f"--start-idx {start_idx} is out of range: {prompts} has {len(all_prompts)} prompts "
@@ -271,15 +277,19 @@ def generate(student: str | os.PathLike, prompts: str | os.PathLike, out: str | 
     end = len(all_prompts) if num_prompts is None else min(len(all_prompts), start_idx + num_prompts)
     indices = list(range(start_idx, end))
     records = {i: _with_format(_record(spec, i, all_prompts[i], seed, steps, sampler), fmt) for i in indices}
+    if len(spec.weight_kinds) > 1:        # a student with EMA and raw weights: images differ by set
+        for record in records.values():
+            record["weights"] = kind
     todo = [i for i in indices if not _done(out, f"{i:05d}", records[i])]
     skipped = len(indices) - len(todo)
     if loaded is None and todo:
         teacher_config(spec, teacher)     # the teacher folder exists (one-line error otherwise)
-        loaded = load_student(spec.folder, teacher=teacher, device=_resolve_device(device), dtype=dtype)
+        loaded = load_student(spec.folder, teacher=teacher, device=_resolve_device(device), dtype=dtype,
+                              weights=weights)
         if images is None and not loaded.adapter.decodes_to_images():  # student.json from before "images"
             return generate(student, prompts, out, teacher=teacher, start_idx=start_idx, num_prompts=num_prompts,
                             batch_size=batch_size, steps=steps, sampler=sampler, seed=seed, device=device,
-                            dtype=dtype, progress=progress, loaded=loaded, format=format)
+                            dtype=dtype, progress=progress, loaded=loaded, format=format, weights=weights)
 
     # -- generate -----------------------------------------------------------------------------------
     written: list[Path] = []

@@ -63,6 +63,32 @@ class StudentSpec:
         return str(self.meta.get("sampler", "stochastic"))
 
     @property
+    def default_weights(self) -> str:
+        """What ``student.safetensors`` holds: ``ema`` or ``raw`` (students without an EMA: raw)."""
+        return str(self.meta.get("weights", "raw"))
+
+    @property
+    def weight_kinds(self) -> list[str]:
+        """The weight sets this student folder holds (``--weights`` choices)."""
+        files = self.meta.get("weight_files")
+        return sorted(files) if isinstance(files, dict) else [self.default_weights]
+
+    def weights_file(self, kind: str | None = None) -> Path:
+        """The file of weight set ``kind`` (``ema`` / ``raw``; None: the default, ``student.safetensors``)."""
+        if kind is None or kind == self.default_weights:
+            return self.weights
+        if kind not in ("ema", "raw"):
+            raise SenseflowError(f"--weights must be 'ema' or 'raw', got {kind!r}")
+        files = self.meta.get("weight_files")
+        if not isinstance(files, dict) or kind not in files:
+            raise SenseflowError(f"--weights {kind}: {self.folder} holds only {self.default_weights} weights (train with "
+                                 f"generator.ema to keep both); drop --weights or pass --weights {self.default_weights}")
+        path = self.folder / str(files[kind])
+        if path.name != str(files[kind]) or not path.is_file():
+            raise SenseflowError(f"--weights {kind}: {path} (listed in {self.folder / STUDENT_META}) is missing")
+        return path
+
+    @property
     def lora(self) -> dict[str, Any] | None:
         value = self.meta.get("lora")
         return dict(value) if isinstance(value, dict) else None
@@ -149,6 +175,7 @@ class LoadedStudent:
     config: Any
     device: torch.device
     teacher_path: str
+    weights: str = "raw"
 
     @property
     def backbone(self) -> nn.Module:
@@ -199,23 +226,27 @@ def build_student_backbone(adapter: ModelAdapter, teacher_backbone: nn.Module, s
 
 
 def load_student(path: str | os.PathLike, teacher: str | os.PathLike | None = None,
-                 device: torch.device | str = "cpu", dtype: str | None = None) -> LoadedStudent:
+                 device: torch.device | str = "cpu", dtype: str | None = None,
+                 weights: str | None = None) -> LoadedStudent:
     """Load a trained student for sampling / export (see module docstring).
 
     ``dtype`` (``float32`` / ``bfloat16`` / ``float16``) overrides the run's ``teacher.dtype``.
+    ``weights`` (``ema`` / ``raw``) picks a weight set of a run that kept an EMA (default: the
+    student's default, ``student.safetensors``: the EMA unless the run set ``generator.ema.weights: raw``).
     """
     from .build import load_teacher
 
     spec = read_student(path)
+    weights_file = spec.weights_file(weights)
     config = teacher_config(spec, teacher)
     if dtype is not None:
         config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"dtype": dtype})})
     device = torch.device(device)
-    state = _load_state(spec.weights)
+    state = _load_state(weights_file)
     adapter, backbone = load_teacher(config, device)
-    student = build_student_backbone(adapter, backbone, state, spec.lora, spec.weights)
+    student = build_student_backbone(adapter, backbone, state, spec.lora, weights_file)
     del backbone, state
     generator = FewStepGenerator(Denoiser(student, adapter), spec.anchors)
     generator.eval()
     return LoadedStudent(spec=spec, generator=generator, adapter=adapter, config=config, device=device,
-                         teacher_path=config.paths.teacher)
+                         teacher_path=config.paths.teacher, weights=weights or spec.default_weights)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from senseflow import api
 from senseflow.train.checkpoint import latest_checkpoint
-from tests.distributed.worker import config
+from tests.distributed.worker import EMA, TRAIN_EMA, config
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,18 +26,25 @@ def torchrun(*args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def single_process_reference(tmp_path, method: str, steps: int = 4) -> dict[str, torch.Tensor]:
-    from tests.distributed.worker import METHODS
-    trainer = api.build_trainer(config(tmp_path / f"ref-{method}", f"train.steps={steps}", *METHODS[method]))
+def single_process_reference(tmp_path, method: str, steps: int = 4, ema: bool = False) -> dict[str, torch.Tensor]:
+    from tests.distributed.worker import METHODS, ema_samples
+    trainer = api.build_trainer(config(tmp_path / f"ref-{method}", f"train.steps={steps}", *METHODS[method],
+                                       *([EMA] if ema else [])))
     models = trainer.method.models
     init = {f"generator.{k}": v.clone() for k, v in models.generator.state_dict().items()}
+    samples = []
     for _ in range(steps):
         batch = trainer.data.next_batch()
         for phase in trainer.method.phases(trainer.step):
             trainer.run_phase(phase, batch)
         trainer.step += 1
+        if ema:
+            samples.append(ema_samples(trainer, models))
     out = {f"generator.{k}": v for k, v in models.generator.state_dict().items()}
     out.update({f"fake_score.{k}": v for k, v in models.fake_score.state_dict().items()})
+    if ema:
+        out.update({f"ema.{k}": v for k, v in trainer.ema.tensors().items()})
+        out["samples"] = torch.stack(samples)
     return out, init
 
 
@@ -82,6 +89,21 @@ def test_broadcast_from_rank0_training_matches(equivalence_run, tmp_path):
     assert max((got[k] - init[k]).abs().max().item() for k in init) > 1e-4
 
 
+def test_sharded_ema_matches_single_process(equivalence_run, tmp_path):
+    """generator.ema on FSDP2 shards (no gathering in the update) == one process; EMA-served samples after every
+    iteration agree too, and training is unaffected by serving the EMA (weights == one process, 1e-5)."""
+    got = load_file(str(equivalence_run / "senseflow-fsdp-ema.safetensors"))
+    ref, init = single_process_reference(tmp_path, "senseflow", ema=True)
+    assert got.keys() == ref.keys() and any(k.startswith("ema.") for k in ref)
+    worst = max((got[k] - ref[k]).abs().max().item() for k in ref)
+    assert worst < 1e-5, f"max abs difference {worst:.2e}"
+    plain = load_file(str(equivalence_run / "senseflow-fsdp.safetensors"))
+    assert max((got[k] - plain[k]).abs().max().item() for k in plain) < 1e-5   # serving the EMA changed nothing
+    lag = max((ref[f"ema.{k[len('generator.'):]}"] - ref[k]).abs().max().item()
+              for k in ref if k.startswith("generator.") and f"ema.{k[len('generator.'):]}" in ref)
+    assert lag > 1e-5, "the EMA must differ from the raw weights for the comparison to mean anything"
+
+
 def test_per_rank_noise_differs_and_shared_draws_agree(equivalence_run):
     r0, r1 = json.loads((equivalence_run / "draws.json").read_text())
     assert r0["k"] == r1["k"] and r0["guidance"] == r1["guidance"]
@@ -97,17 +119,22 @@ def test_sharded_checkpoint_resume_and_world_size_change(tmp_path):
     assert meta["format"] == "dcp" and meta["world_size"] == 2 and meta["step"] == 2
     # kill + resume with two processes continues exactly like the straight run
     torchrun("train", str(split), "4")
-    a = load_file(str(straight / "student/student.safetensors"))
-    b = load_file(str(split / "student/student.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "ema" in json.loads((latest_checkpoint(split) / "meta.json").read_text())["extra"]
+    for name in ("student.safetensors", "student_raw.safetensors"):   # the EMA (served) and the raw weights
+        a = load_file(str(straight / "student" / name))
+        b = load_file(str(split / "student" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # the sharded step-2 checkpoint of a fresh split run loads into ONE process
     one = tmp_path / "one"
     torchrun("train", str(one), "2")
     from tests.distributed.worker import METHODS
-    trainer = api.build_trainer(config(one, "train.steps=4", *METHODS["senseflow"]), resume="auto")
-    assert trainer.step == 2
-    gathered = load_file(str(one / "student/student.safetensors"))
+    trainer = api.build_trainer(config(one, "train.steps=4", *METHODS["senseflow"], *TRAIN_EMA), resume="auto")
+    assert trainer.step == 2 and trainer.ema.images_seen == 1 * 8      # ttur 2: one G step (2 ranks x batch 4)
+    gathered = load_file(str(one / "student/student_raw.safetensors"))
     for k, v in trainer.method.models.generator.denoiser.backbone.state_dict().items():
         assert torch.equal(v, gathered[k]), k
+    served = load_file(str(one / "student/student.safetensors"))      # the EMA, resharded 2 -> 1 by DCP
+    for k, v in trainer.ema.tensors().items():
+        assert torch.equal(v, served[k.removeprefix("denoiser.backbone.")]), k
     trainer.fit()
     assert trainer.step == 4

@@ -28,6 +28,10 @@ METHODS = {
 }
 
 
+#: the sharded-checkpoint scenario keeps an EMA (half-life with ramp-up) and serves it in sample grids
+TRAIN_EMA = ["generator.ema={halflife_kimg: 0.02, rampup_ratio: 0.5}", "train.sample_every=1"]
+
+
 def config(out: Path, *overrides: str):
     base = yaml.safe_load((ROOT / "configs/examples/tiny_custom.yaml").read_text())
     return validate(apply_overrides(base, [f"paths.output={out}", f"paths.prompts={ROOT / 'configs/examples/prompts.txt'}",
@@ -40,25 +44,46 @@ def full_state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def same_streams_training(out: Path, method: str, strategy: str, steps: int, ctx, from_rank0: bool = False) -> None:
+#: the EMA scenario: a constant decay (a half-life law would depend on the world size through the batch)
+EMA = "generator.ema={decay: 0.7}"
+
+
+def ema_samples(trainer, models) -> torch.Tensor:
+    """Fixed-noise samples from the served (EMA) weights: under FSDP2 the swap must not leak into training."""
+    cond = models.teacher.adapter.encode_prompts(["a red cat", "a small dog"])
+    noise = torch.randn((2, *models.teacher.adapter.latent_shape()), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), trainer.eval_weights():
+        return models.generator.sample(noise.to(trainer.device), cond, generator=torch.Generator().manual_seed(5))
+
+
+def same_streams_training(out: Path, method: str, strategy: str, steps: int, ctx, from_rank0: bool = False,
+                          ema: bool = False) -> None:
     """Every rank sees the SAME batch and noise: sharded training must equal one process exactly.
 
-    ``from_rank0``: rank 1 builds its networks on the meta device; rank 0 broadcasts the weights."""
-    tag = f"{method}-{strategy}" + ("-rank0" if from_rank0 else "")
-    cfg = config(out / tag, f"train.steps={steps}", *METHODS[method])
+    ``from_rank0``: rank 1 builds its networks on the meta device; rank 0 broadcasts the weights.
+    ``ema``: keep a generator EMA on the shards and sample from it after every iteration."""
+    tag = f"{method}-{strategy}" + ("-rank0" if from_rank0 else "") + ("-ema" if ema else "")
+    cfg = config(out / tag, f"train.steps={steps}", *METHODS[method], *([EMA] if ema else []))
     models = build_models(cfg, ctx.device, meta=from_rank0 and not ctx.is_main)
     parallelize(models, ParallelConfig(strategy=strategy, broadcast_from_rank0=from_rank0), "fp32", ctx)
     trainer = Trainer(build_method(models, cfg.method), build_data(cfg, models.teacher.adapter, ctx.device, 0, 1),
                       cfg.train, {"generator": cfg.optim.generator, "fake_score": cfg.optim.fake_score},
-                      out / "unused", RandomStreams(cfg.train.seed, rank=0), ctx.device, ctx=ctx)
+                      out / "unused", RandomStreams(cfg.train.seed, rank=0), ctx.device, ctx=ctx, ema=cfg.generator.ema)
     trainer.save = lambda: None  # this scenario only compares weights
+    samples = []
     for _ in range(steps):
         batch = trainer.data.next_batch()
         for phase in trainer.method.phases(trainer.step):
             trainer.run_phase(phase, batch)
         trainer.step += 1
+        if ema:
+            samples.append(ema_samples(trainer, models))
     states = {f"generator.{k}": v for k, v in full_state(models.generator).items()}
     states.update({f"fake_score.{k}": v for k, v in full_state(models.fake_score).items()})
+    if ema:   # the EMA lives as DTensor shards like the parameters: gathered here for the comparison only
+        assert all(hasattr(t, "to_local") for t in trainer.ema.shadow.values())
+        states.update({f"ema.{k}": v.full_tensor().contiguous() for k, v in trainer.ema.shadow.items()})
+        states["samples"] = torch.stack(samples).contiguous()
     if ctx.is_main:
         save_file(states, str(out / f"{tag}.safetensors"))
 
@@ -113,11 +138,12 @@ def main() -> None:
             same_streams_training(out, method, "fsdp", 4, ctx)
         same_streams_training(out, "senseflow", "ddp", 4, ctx)
         same_streams_training(out, "senseflow", "fsdp", 4, ctx, from_rank0=True)
+        same_streams_training(out, "senseflow", "fsdp", 4, ctx, ema=True)
         broadcast_init(out, ctx)
         draws(out, ctx)
     elif scenario == "train":  # full API path: per-rank data and noise, sharded checkpoints
         steps = sys.argv[3]
-        api.train(config(out, f"train.steps={steps}", "train.checkpoint_every=2", *METHODS["senseflow"]))
+        api.train(config(out, f"train.steps={steps}", "train.checkpoint_every=2", *METHODS["senseflow"], *TRAIN_EMA))
     dist.destroy_process_group()
 
 

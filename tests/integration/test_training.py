@@ -1,5 +1,6 @@
 """End-to-end training of each method on a tiny velocity model, and exact resume."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,57 @@ def test_ida_with_mismatched_lora_is_a_config_error(tmp_path):
     from senseflow.teachers.base import SenseflowError
     with pytest.raises(SenseflowError, match="fake_score.lora"):
         _config(tmp_path, *METHODS["senseflow"], "generator.lora={rank: 4}")
+
+
+@pytest.mark.slow
+def test_resume_with_ema_is_bit_identical(tmp_path):
+    """generator.ema (half-life with ramp-up, EMA-served sample grids): split + resume == straight, EMA included."""
+    from safetensors.torch import load_file
+    ema = ["generator.ema={halflife_kimg: 0.02, rampup_ratio: 0.5}", "train.sample_every=2", "method.ttur=1"]
+    steps = ["train.steps=4", *METHODS["senseflow"], *ema]
+    straight = api.train(_config(tmp_path / "straight", *steps))
+    first = api.train(_config(tmp_path / "split", "train.steps=2", *METHODS["senseflow"], *ema))
+    assert "generator_ema" in json.loads((latest_checkpoint(first.run_dir) / "meta.json").read_text())["extra"]
+    del first
+    probe = api.build_trainer(_config(tmp_path / "split", *steps), resume="auto")
+    assert probe.step == 2 and probe.ema.images_seen == 2 * 4
+    del probe
+    resumed = api.train(_config(tmp_path / "split", *steps), resume="auto")
+    _assert_identical(_state(straight), _state(resumed))
+    a, b = straight.ema.tensors(), resumed.ema.tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.ema.images_seen == resumed.ema.images_seen == 4 * 4
+    raw = straight.networks["generator"].state_dict()
+    assert max((a[k] - raw[k]).abs().max().item() for k in a) > 1e-6, "the EMA must differ from the raw weights"
+    for name in ("student.safetensors", "student_raw.safetensors"):
+        x = load_file(str(tmp_path / "straight/run/student" / name))
+        y = load_file(str(tmp_path / "split/run/student" / name))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    served = load_file(str(tmp_path / "straight/run/student/student.safetensors"))
+    for k, v in a.items():     # student.safetensors holds the EMA (the default), student_raw.safetensors the raw
+        assert torch.equal(served[k.removeprefix("denoiser.backbone.")], v), k
+
+
+def test_enabling_ema_on_a_run_without_one_starts_it_from_the_weights(tmp_path):
+    first = api.build_trainer(_config(tmp_path, "train.steps=2", *METHODS["senseflow"]))
+    first.fit()
+    resumed = api.build_trainer(_config(tmp_path, "train.steps=3", *METHODS["senseflow"], "generator.ema={decay: 0.9}"))
+    assert resumed.step == 2 and resumed.ema.images_seen == 0
+    raw = resumed.networks["generator"].state_dict()
+    assert all(torch.equal(v, raw[k]) for k, v in resumed.ema.tensors().items())
+
+
+def test_lora_student_with_ema_averages_only_the_adapters(tmp_path):
+    from senseflow.student import load_student
+    trainer = api.train(_config(tmp_path, "train.steps=2", *METHODS["senseflow"], "method.ttur=1",
+                                "generator.lora={rank: 4, target_modules: all-linear}",
+                                "fake_score.lora={rank: 4, target_modules: all-linear}", "generator.ema={decay: 0.5}"))
+    ema = trainer.ema.tensors()
+    assert ema and all("lora_" in n for n in ema), list(ema)[:3]
+    for kind in ("ema", "raw"):       # both sets load back as LoRA students; each holds its own adapters
+        state = load_student(tmp_path / "run", weights=kind).backbone.state_dict()
+        want = ema if kind == "ema" else {n: p.detach() for n, p in trainer.networks["generator"].named_parameters()
+                                          if n in ema}
+        assert all(torch.equal(state[n.removeprefix("denoiser.backbone.")], v) for n, v in want.items()), kind
+    assert any(not torch.equal(ema[n], p.detach()) for n, p in trainer.networks["generator"].named_parameters()
+               if n in ema)

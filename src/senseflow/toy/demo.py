@@ -70,7 +70,8 @@ class StudentTracker:
     def __call__(self, trainer: Trainer, step: int) -> None:
         if step % self.eval_every and step != trainer.cfg.steps:
             return
-        images, _ = sample_student(trainer.method.models.generator, self.evalset, self.sampler)
+        with trainer.eval_weights():      # the EMA when generator.ema keeps one
+            images, _ = sample_student(trainer.method.models.generator, self.evalset, self.sampler)
         m = self.evaluator.evaluate(images, self.evalset.prompts, reference_teacher=self.reference)
         self.curve.append({"iteration": step, **_summary(m, ("attr_acc", "fd_real", "fd_teacher", "diversity")),
                            **{k: v for k, v in trainer.last_logs.items() if k.startswith("loss_")}})
@@ -204,7 +205,9 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
     train_seconds = time.perf_counter() - t0
 
     print("[3/3] evaluating the student", flush=True)
-    student_images, spi_student = sample_student(trainer.method.models.generator, evalset, config.generator.sampler)
+    with trainer.eval_weights():          # the EMA when generator.ema keeps one
+        student_images, spi_student = sample_student(trainer.method.models.generator, evalset,
+                                                     config.generator.sampler)
     ms = evaluator.evaluate(student_images, evalset.prompts, reference_teacher=teacher32)
     results["student"] = {"method": method, "steps": steps, "nfe": steps,
                           **_summary(ms, keys + ("fd_teacher", "diversity")), "seconds_per_image": spi_student}

@@ -89,8 +89,11 @@ def load_safetensors(module: nn.Module, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], state: dict[str, Any],
-                    keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+                    keep: int = 2, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
+
+    ``extra``: more tensor sets written as ``<name>.safetensors`` (e.g. the generator EMA).
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -103,8 +106,13 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], st
     tmp.mkdir()
     for name, module in networks.items():
         save_safetensors(module, tmp / f"{name}.safetensors")
+    for name, tensors in (extra or {}).items():
+        save_file(tensors, str(tmp / f"{name}.safetensors"))
     torch.save(state, tmp / STATE_FILE)
-    return finalize(tmp, final, {"step": step, "networks": sorted(networks)}, keep)
+    meta = {"step": step, "networks": sorted(networks)}
+    if extra:
+        meta["extra"] = sorted(extra)
+    return finalize(tmp, final, meta, keep)
 
 
 def finalize(tmp: Path, final: Path, meta: dict[str, Any], keep: int) -> Path:
@@ -134,6 +142,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
             return candidate
     complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
     return complete[-1] if complete else None
+
+
+def checkpoint_extras(path: Path) -> list[str]:
+    """Names of the extra tensor sets a checkpoint holds (``meta.json`` ``extra``; none for older ones)."""
+    meta = Path(path) / "meta.json"
+    return list(json.loads(meta.read_text()).get("extra", [])) if meta.is_file() else []
 
 
 def load_checkpoint(path: Path, networks: dict[str, nn.Module]) -> dict[str, Any]:

@@ -80,8 +80,12 @@ def _state(networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Opt
 
 
 def save_sharded(run_dir: Path, step: int, networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                 shared_state: dict[str, Any], local_state: dict[str, Any], ctx, keep: int = 2) -> Path:
-    """Every rank calls this; rank 0 finalises the directory atomically once all ranks have written."""
+                 shared_state: dict[str, Any], local_state: dict[str, Any], ctx, keep: int = 2,
+                 extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Every rank calls this; rank 0 finalises the directory atomically once all ranks have written.
+
+    ``extra``: more (sharded) tensor sets saved under ``extra.<name>.*`` (e.g. the generator EMA).
+    """
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -92,6 +96,8 @@ def save_sharded(run_dir: Path, step: int, networks: dict[str, nn.Module], optim
         tmp.mkdir()
     ctx.barrier()
     state = _state(networks, optimizers)
+    if extra:
+        state["extra"] = extra
     bad = first_nonfinite(state)  # each rank checks its shards; all agree before anything is written
     if ctx.mean({"bad": float(bad is not None)})["bad"] > 0:
         from .finite import TrainingDiverged
@@ -102,8 +108,10 @@ def save_sharded(run_dir: Path, step: int, networks: dict[str, nn.Module], optim
     ctx.barrier()
     if ctx.is_main:
         torch.save(shared_state, tmp / STATE_FILE)
-        finalize(tmp, final, {"step": step, "networks": sorted(networks), "format": "dcp",
-                              "world_size": ctx.world_size}, keep)
+        meta = {"step": step, "networks": sorted(networks), "format": "dcp", "world_size": ctx.world_size}
+        if extra:
+            meta["extra"] = sorted(extra)
+        finalize(tmp, final, meta, keep)
     ctx.barrier()
     return final
 
@@ -113,8 +121,12 @@ def is_sharded(path: Path) -> bool:
 
 
 def load_sharded(path: Path, networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                 rank: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load weights + optimiser state (resharding as needed); return (shared state, this rank's state or None)."""
+                 rank: int = 0, extra: dict[str, dict[str, torch.Tensor]] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load weights + optimiser state (resharding as needed); return (shared state, this rank's state or None).
+
+    ``extra``: tensor sets to fill in place, those of them the checkpoint lists in ``meta.json``.
+    """
     path = Path(path)
     meta = read_meta(path)
     absent = sorted(set(networks) - set(meta.get("networks", [])))
@@ -122,6 +134,9 @@ def load_sharded(path: Path, networks: dict[str, nn.Module], optimizers: dict[st
         raise SenseflowError(f"checkpoint {str(path)!r} has no weights for {absent}; it was made by another method")
     SafeFileSystemReader(str(path)).read_metadata()  # refused here as one line, not inside DCP's rank wrapper
     state = _state(networks, optimizers)
+    saved_extra = set(meta.get("extra", []))
+    if extra and saved_extra & set(extra):
+        state["extra"] = {k: v for k, v in extra.items() if k in saved_extra}
     _dcp_load(state, path)
     for name, net in networks.items():
         set_model_state_dict(net, state["models"][name])

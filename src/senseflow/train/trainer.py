@@ -25,6 +25,7 @@ from ..teachers.base import Conditioning
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistContext, full_tensor
 from .finite import check_parameters
+from .ema import EMA_NAME, EMAConfig, GeneratorEMA
 from .logging import RunLogger, as_float
 from .sharded import is_sharded, load_sharded, save_sharded
 
@@ -69,7 +70,7 @@ class Trainer:
     def __init__(self, method: Method, data: BatchSource, train: TrainConfig, optim: dict[str, OptimizerConfig],
                  run_dir: Path, rng: RandomStreams, device: torch.device, samples: SampleSpec | None = None,
                  sampler: str = "stochastic", hooks: TrainerHooks | None = None,
-                 ctx: DistContext | None = None) -> None:
+                 ctx: DistContext | None = None, ema: EMAConfig | None = None) -> None:
         self.method, self.data, self.cfg = method, data, train
         self.ctx = ctx or DistContext(device=device)
         self.run_dir, self.rng, self.device = Path(run_dir), rng, device
@@ -84,6 +85,10 @@ class Trainer:
                 raise ValueError(f"network {name!r} has no trainable parameters")
             self.params[name] = params
         self.optimizers = {name: build_optimizer(self.params[name], optim[name]) for name in self.networks}
+        # generator.ema: an fp32 average on this rank's shards; an output only (IDA reads the raw weights)
+        self.ema = GeneratorEMA(self.networks["generator"], self.params["generator"], ema,
+                                train.batch_size * self.ctx.world_size) \
+            if ema is not None and "generator" in self.networks else None
         self.step = 0
         self._trainable: str | None = "*"  # unknown: the first set_phase visits every network
         self.logger: RunLogger | None = None
@@ -133,6 +138,8 @@ class Trainer:
             opt.step()
             check_parameters(params, phase, self.step, norm, opt.param_groups[0]["lr"])
             logs.update(self.method.after_step(phase))
+            if phase == "generator" and self.ema is not None:
+                logs["ema_decay"] = self.ema.update(self.step)
         else:  # never let one bad batch destroy the weights
             logs[f"skipped/{phase}"] = 1.0
         opt.zero_grad(set_to_none=True)  # free this network's gradients before the next phase
@@ -141,15 +148,26 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "rng": self.rng.state_dict(), "data": self.data.state_dict()}
+        state = {"step": self.step, "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                 "rng": self.rng.state_dict(), "data": self.data.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def save(self) -> Path:
+        if self.ema is not None:
+            self.ema.check_finite(self.step, self.ctx)
         if self.ctx.distributed:
             shared = {"step": self.step, "data": self.data.state_dict(), "rng_shared": self.rng.shared.get_state()}
+            extra = None
+            if self.ema is not None:
+                shared["ema"] = self.ema.state_dict()
+                extra = {"ema": self.ema.shadow}
             return save_sharded(self.run_dir, self.step, self.networks, self.optimizers, shared,
-                                self.rng.state_dict(), self.ctx, self.cfg.keep_checkpoints)
-        return save_checkpoint(self.run_dir, self.step, self.networks, self.state_dict(), self.cfg.keep_checkpoints)
+                                self.rng.state_dict(), self.ctx, self.cfg.keep_checkpoints, extra=extra)
+        extra = {EMA_NAME: self.ema.tensors()} if self.ema is not None else None
+        return save_checkpoint(self.run_dir, self.step, self.networks, self.state_dict(), self.cfg.keep_checkpoints,
+                               extra=extra)
 
     def resume(self, path: Path | None = None) -> bool:
         """Load ``path`` or the run's latest checkpoint; returns whether one was loaded.
@@ -161,12 +179,15 @@ class Trainer:
         if path is None:
             return False
         if is_sharded(path):
-            shared, local = load_sharded(path, self.networks, self.optimizers, self.ctx.rank)
+            extra = {"ema": self.ema.shadow} if self.ema is not None else None
+            shared, local = load_sharded(path, self.networks, self.optimizers, self.ctx.rank, extra=extra)
             if local is not None:
                 self.rng.load_state_dict(local)
             self.rng.shared.set_state(shared["rng_shared"])
             self.data.load_state_dict(shared["data"])
             self.step = int(shared["step"])
+            if self.ema is not None:
+                self.ema.resume(path, shared.get("ema"), sharded=True)
             return True
         if self.ctx.distributed:
             from ..teachers.base import SenseflowError
@@ -178,7 +199,19 @@ class Trainer:
         self.rng.load_state_dict(state["rng"])
         self.data.load_state_dict(state["data"])
         self.step = int(state["step"])
+        if self.ema is not None:
+            self.ema.resume(path, state.get("ema"), sharded=False)
         return True
+
+    def eval_weights(self):
+        """Context in which the generator holds the weights served for sampling / evaluation.
+
+        ``generator.ema.weights: ema`` (the default when an EMA is kept) swaps the EMA in and the raw
+        weights back afterwards, exactly; otherwise the raw weights are used as they are.
+        """
+        if self.ema is not None and self.ema.cfg.weights == "ema":
+            return self.ema.swapped_in()
+        return contextlib.nullcontext()
 
     # -- samples ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,14 +300,16 @@ class Trainer:
                 for hook in self.hooks.on_step:
                     hook(self, self.step)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.sample_grid()
+                    with self.eval_weights():
+                        self.sample_grid()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save()
             self._start_writing()
             self.save()
             for hook in self.hooks.on_finish:
                 hook(self, self.step)
-            self.sample_grid()
+            with self.eval_weights():
+                self.sample_grid()
         finally:
             bar.close()
             if self.logger is not None:
