@@ -328,3 +328,23 @@ def test_reference_preset_fills_only_the_keys_not_given():
     rel = SenseFlowConfig()
     assert (rel.omega, rel.isg_form, rel.isg_mid_time, rel.isg_last_target) == ("released",) * 4
     assert rel.dmd_time.discrete and rel.fake_time.shift and rel.discriminator_time_weight
+
+
+def test_built_generators_use_the_method_s_anchor_law():
+    from pathlib import Path
+
+    import yaml
+
+    from senseflow.build import build_models
+    from senseflow.config import apply_overrides, validate
+
+    root = Path(__file__).resolve().parents[2]
+    base = yaml.safe_load((root / "configs/examples/tiny_custom.yaml").read_text())
+
+    def built(*sets):
+        cfg = validate(apply_overrides(base, ["teacher.resolution=8", "teacher.shift=3.0", *sets]))
+        return build_models(cfg, torch.device("cpu")).generator.anchors
+
+    assert built("method={name: sid}") == [1.0, 0.75, 0.5, 0.25]
+    assert built("method={name: sid, use_sd3_shift: true}") == pytest.approx([1.0, 0.9, 0.75, 0.5])
+    assert built() == pytest.approx([1.0, 0.9, 0.75, 0.5])  # the recipe's SenseFlow
