@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .. import released
+from .. import released as forms
 from ..generator import GeneratorInput
 from ..rng import RandomStreams
 from ..schedules import expand_like
@@ -73,7 +73,7 @@ class SenseFlow(DMD2):
         """Where ISG's segment from ``gin.t`` ends (``method.isg_last_target``)."""
         if self.config.isg_last_target == "clean":
             return gin.t_next
-        return released.segment_end(self.schedule, gin.t_next, self.released.isg_grid)
+        return forms.segment_end(self.schedule, gin.t_next, self.released.isg_grid)
 
     def sample_mid_time(self, gin: GeneratorInput, rng: RandomStreams) -> Tensor:
         """``t_mid`` between the segment end + m and ``tau_i`` - m (margin m in index units).
@@ -86,10 +86,10 @@ class SenseFlow(DMD2):
         t_end = self.segment_end(gin)
         if self.config.isg_mid_time == "released":
             grid = self.released.isg_grid
-            hi = released.grid_index(schedule, gin.t, grid) - self.config.isg_margin
-            lo = released.grid_index(schedule, t_end, grid).clamp_min(0) + self.config.isg_margin
-            idx = released.integer_mid_index(lo, hi, rng.local)
-            return released.grid_time(schedule, idx.to(gin.t.device), grid)
+            hi = forms.grid_index(schedule, gin.t, grid) - self.config.isg_margin
+            lo = forms.grid_index(schedule, t_end, grid).clamp_min(0) + self.config.isg_margin
+            idx = forms.integer_mid_index(lo, hi, rng.local)
+            return forms.grid_time(schedule, idx.to(gin.t.device), grid)
         u_i = schedule.to_unit(gin.t)
         u_next = schedule.to_unit(t_end)
         m = self.config.isg_margin / schedule.num_train_timesteps
