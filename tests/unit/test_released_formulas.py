@@ -348,3 +348,12 @@ def test_built_generators_use_the_method_s_anchor_law():
     assert built("method={name: sid}") == [1.0, 0.75, 0.5, 0.25]
     assert built("method={name: sid, use_sd3_shift: true}") == pytest.approx([1.0, 0.9, 0.75, 0.5])
     assert built() == pytest.approx([1.0, 0.9, 0.75, 0.5])  # the recipe's SenseFlow
+
+
+def test_discrete_time_grid_is_refused_outside_uniform():
+    from pydantic import ValidationError
+
+    from senseflow.configbase import TimeSamplerConfig
+
+    with pytest.raises(ValidationError, match="discrete applies to kind uniform"):
+        TimeSamplerConfig(kind="logit_normal", discrete=True)
