@@ -14,7 +14,6 @@ from .generator import FewStepGenerator
 from .methods import DistillationModels, Method, build_method
 from .methods.base import Batch
 from .rng import RandomStreams, derive_seed
-from .schedules import anchors as unit_to_native
 from .teachers.base import Denoiser, ModelAdapter, SenseflowError, freeze
 from .train.trainer import SampleSpec
 
@@ -148,7 +147,8 @@ def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool
     from .lora import maybe_apply_lora
 
     student = maybe_apply_lora(adapter.make_student(backbone).requires_grad_(True).train(), config.generator.lora)
-    generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, config.generator.anchors))
+    generator = FewStepGenerator(Denoiser(student, adapter),
+                                 config.method.native_anchors(adapter.schedule, config.generator.anchors))
     fake = Denoiser(maybe_apply_lora(adapter.make_fake_score(backbone).requires_grad_(True).train(),
                                      config.fake_score.lora), adapter)
     discriminator = None

@@ -23,7 +23,10 @@ Unknown keys are errors. Override any key from the command line with `--set sect
 
 Times in `*_time`, `anchors` and `isg_margin` are in *unit* time: the unshifted index space
 divided by 1000, mapped through the teacher's shift (SD3: 3; FLUX: dynamic mu) or onto the DDPM
-index (SDXL) unless `shift: false`.
+index (SDXL) unless `shift: false` (SiD: anchors are used unshifted unless `method.use_sd3_shift: true`;
+`isg_margin` counts steps of the family's released ISG grid with `isg_mid_time: released`, FLUX: 1000 sigma).
+`method.reference: released | paper` presets the keys where the released code and the papers differ
+(docs/deviations.md, "Released code vs the papers"); keys set explicitly win.
 """
 
 

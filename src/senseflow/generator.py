@@ -34,7 +34,8 @@ class FewStepGenerator(nn.Module):
     """G: predicts ``x0`` at anchors ``tau_1 > ... > tau_K`` (native times of the schedule).
 
     The first anchor is treated as pure noise (``x = eps``), as in the released SenseFlow and
-    DMD2 code (SDXL's index 999 is not exactly pure noise, but the official code feeds ``eps``).
+    DMD2 code (SDXL's index 999 is not exactly pure noise, but the official code feeds ``eps``;
+    for forward diffusion of real latents see ``training_input(pure_first_anchor=...)``).
     """
 
     def __init__(self, denoiser: Denoiser, anchors: Sequence[float] | Tensor) -> None:
@@ -117,11 +118,14 @@ class FewStepGenerator(nn.Module):
 
     def training_input(self, cond: Conditioning, shape: tuple[int, ...], rng: RandomStreams,
                        real_x0: Tensor | None = None, backward_probability: float = 1.0,
-                       dtype: torch.dtype = torch.float32) -> GeneratorInput:
+                       dtype: torch.dtype = torch.float32, pure_first_anchor: bool = True) -> GeneratorInput:
         """Draw G's training input: backward simulation, or forward diffusion of real latents.
 
         The anchor index ``k`` and the backward/forward choice come from the shared stream (equal
         on all ranks, so every rank runs the same number of G forwards); all noise is per rank.
+        ``pure_first_anchor``: at ``k = 0`` forward diffusion feeds pure noise, as sampling does and
+        as the released SDXL trainer does (``noisy_image[timesteps == 999] = noise``); ``False``
+        diffuses the real latents to the first anchor (SDXL 999: ``0.068 x0 + 0.998 eps``).
         """
         n = shape[0]
         k = rng.shared_randint(0, self.num_steps)
@@ -129,6 +133,8 @@ class FewStepGenerator(nn.Module):
         noise = rng.randn(shape, dtype=dtype)
         if use_backward:
             x_t = self.simulate(noise, cond, k, rng)
+        elif k == 0 and pure_first_anchor:
+            x_t = noise
         else:
             x_t = self.schedule.add_noise(real_x0.to(noise.dtype), noise, self.time(k, n, noise.device))
         return GeneratorInput(x_t=x_t, index=k, t=self.time(k, n, x_t.device), t_next=self.time(k + 1, n, x_t.device),

@@ -231,9 +231,21 @@ class NoiseSchedule(ABC):
         # at t_next == clean the eps term vanishes exactly; avoid 0 * inf when sigma_t is 0 too
         return a_n * x0 + torch.where(s_n == 0, torch.zeros_like(eps_hat), s_n * eps_hat)
 
-    def default_training_time(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
-        """The time law the teacher was trained with (used by the fake-score loss)."""
+    def default_training_time(self, n: int, generator: torch.Generator | None, device: torch.device | str,
+                              table: bool = True) -> Tensor:
+        """The time law the teacher was trained with (used by the fake-score loss).
+
+        ``table``: draw it as the released trainers do, through the scheduler's 1000-entry table
+        (differs from the continuous law only where a table carries a shift: rectified flow).
+        """
         raise NotImplementedError
+
+    def unshifted(self, u: Tensor | float | Sequence[float]) -> Tensor:
+        """Unit time as native time WITHOUT the teacher's shift (SiD-DiT's anchors, ``use_sd3_shift=False``).
+
+        Only rectified flow has a shift to leave out; other schedules map unit time as usual.
+        """
+        return self.from_unit(u)
 
 
 class RectifiedFlow(NoiseSchedule):
@@ -279,9 +291,26 @@ class RectifiedFlow(NoiseSchedule):
     def _velocity_target(self, x0: Tensor, eps: Tensor) -> Tensor:
         return flow_velocity(x0, eps)
 
-    def default_training_time(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
-        """SD3/FLUX training law: logit-normal(0, 1) on native time."""
-        return logit_normal(n, 0.0, 1.0, generator, device)
+    def unshifted(self, u: Tensor | float | Sequence[float]) -> Tensor:
+        return as_time(u)
+
+    def default_training_time(self, n: int, generator: torch.Generator | None, device: torch.device | str,
+                              table: bool = True) -> Tensor:
+        """SD3/FLUX training law: ``u ~`` logit-normal(0, 1).
+
+        ``table=True`` (the released SenseFlow trainers and diffusers' SD3 scripts): ``u`` indexes
+        the scheduler's sigma table, ``sigma = table[floor(1000 u)]`` with ``table[i] = shift((1000 - i)
+        / 1000)``.  ``FlowMatchEulerDiscreteScheduler`` bakes a static shift into that table at
+        construction but not FLUX's dynamic one, so SD3 (shift 3) gets shift3(logit-normal) (median
+        sigma 0.75) and FLUX the unshifted law.  ``table=False``: logit-normal on native time.
+        """
+        u = logit_normal(n, 0.0, 1.0, generator, device)
+        if not table:
+            return u
+        T = self.num_train_timesteps
+        idx = torch.floor(u * T).clamp(0, T - 1)
+        s = (T - idx) / T
+        return s if self.mu is not None else static_shift(s, self.shift)
 
 
 class DDPM(NoiseSchedule):
@@ -335,7 +364,8 @@ class DDPM(NoiseSchedule):
     def t_clean(self) -> float:
         return -1.0
 
-    def default_training_time(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    def default_training_time(self, n: int, generator: torch.Generator | None, device: torch.device | str,
+                              table: bool = True) -> Tensor:
         """Uniform integer index in ``{0..T-1}``."""
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device).to(torch.float64)
 
@@ -367,7 +397,8 @@ class TrigFlow(NoiseSchedule):
     def t_clean(self) -> float:
         return 0.0
 
-    def default_training_time(self, n: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    def default_training_time(self, n: int, generator: torch.Generator | None, device: torch.device | str,
+                              table: bool = True) -> Tensor:
         return self.from_unit(logit_normal(n, 0.0, 1.0, generator, device))
 
 
@@ -393,8 +424,12 @@ class TimeSampler:
 
     ``shift=True`` maps the draw through the schedule's ``from_unit`` (shift / DDPM index);
     ``shift=False`` uses the draw as native time directly (e.g. FLUX's unshifted logit-normal DMD
-    times).  ``teacher`` defers to the schedule's own training law.  ``low``/``high`` clip the
-    unit-time range (DMD: 0.02..0.98).
+    times).  ``teacher`` defers to the schedule's own training law (``shift`` then selects its
+    released table form, see :meth:`NoiseSchedule.default_training_time`).  ``low``/``high`` clip
+    the unit-time range (DMD: 0.02..0.98).  ``discrete`` (uniform only): draw the integer index
+    ``i`` uniformly in ``{round(1000 low) .. round(1000 high)}`` and use ``u = (i + 1) / 1000``, as
+    the released DMD2 / SenseFlow trainers do (``randint(20, 981)``: SDXL index 20..980, SD3.5
+    ``sigmas[i] = shift((i + 1) / 1000)``).
     """
 
     kind: str = "uniform"
@@ -403,12 +438,18 @@ class TimeSampler:
     mean: float = 0.0
     std: float = 1.0
     shift: bool = True
+    discrete: bool = False
 
     def sample(self, n: int, schedule: NoiseSchedule, generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> Tensor:
         if self.kind == "teacher":
-            return schedule.default_training_time(n, generator, device)
-        if self.kind == "uniform":
+            return schedule.default_training_time(n, generator, device, table=self.shift)
+        if self.kind == "uniform" and self.discrete:
+            T = schedule.num_train_timesteps
+            lo, hi = round(self.low * T), round(self.high * T)
+            i = torch.randint(lo, hi + 1, (n,), generator=generator, device=device).to(torch.float64)
+            u = (i + 1.0) / T
+        elif self.kind == "uniform":
             u = uniform(n, self.low, self.high, generator, device)
         elif self.kind == "logit_normal":
             u = logit_normal(n, self.mean, self.std, generator, device).clamp(self.low, self.high)

@@ -125,7 +125,8 @@ def test_ida_exact_interpolation_after_generator_step():
     method.after_step("generator")
     gen = dict(models.generator.denoiser.backbone.named_parameters())
     for n, p in models.fake_score.backbone.named_parameters():
-        assert torch.equal(p, old[n] * 0.97 + (1 - 0.97) * gen[n].detach())
+        # the released update, bit for bit: param_B.data.mul_(ida_w).add_(param_A.data, alpha=1 - ida_w)
+        assert torch.equal(p, old[n].mul(0.97).add(gen[n].detach(), alpha=1 - 0.97))
 
 
 def test_ida_skips_parameters_the_generator_lacks_and_rejects_shape_mismatch():

@@ -8,17 +8,20 @@ Generator loss (ALGORITHMS.md): for G's sample ``x`` noised to ``x_t``,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..configbase import StrictModel, TimeSamplerConfig
 from ..discriminators.base import AdversarialTerm
 from ..generator import GeneratorInput
+from ..released import PAPER, ReleasedForms
+from ..released import omega as released_omega
 from ..rng import RandomStreams
+from ..schedules import NoiseSchedule, anchors
 from ..teachers.base import Conditioning
 from .base import Batch, DistillationModels, GuidanceSpec, LossOutput, Method, per_sample_mean
 
@@ -27,16 +30,49 @@ class DMD2Config(StrictModel):
     """Settings of plain DMD2 (also the base of SenseFlow's)."""
 
     name: Literal["dmd2"] = "dmd2"
+    reference: Literal["released", "paper"] = Field(
+        "released", description="preset for the keys where the released code and the papers differ (docs/deviations.md): "
+        "released = the released trainers; paper = the papers' formulas with continuous time laws; keys you set win")
     ttur: int = Field(5, ge=1, description="G steps once every `ttur` iterations; the fake score every iteration")
     real_guidance: GuidanceSpec = GuidanceSpec(cfg=8.0)
     fake_guidance: GuidanceSpec = GuidanceSpec()
-    dmd_time: TimeSamplerConfig = TimeSamplerConfig(kind="uniform", low=0.02, high=0.98, shift=True)
+    dmd_time: TimeSamplerConfig = TimeSamplerConfig(kind="uniform", low=0.02, high=0.98, shift=True, discrete=True)
     fake_time: TimeSamplerConfig = TimeSamplerConfig(kind="teacher")
     backward_probability: float = Field(
         1.0, ge=0.0, le=1.0,
         description="probability of backward simulation when the data has real latents (data-free: always)")
+    first_anchor: Literal["noise", "diffused"] = Field(
+        "noise", description="forward diffusion at the first anchor: pure noise (released SDXL trainer, as sampling) "
+                             "or the real latents diffused to it (SDXL 999: 0.068 x0 + 0.998 eps); flows: identical")
     adversarial_weight: float = Field(0.0, ge=0.0, description="lambda_G of the adversarial term (0 = off)")
     adversarial_time_weight: Literal["none", "omega"] = "none"
+    omega: Literal["released", "paper"] = Field(
+        "released", description="omega(t) law: released = the family's trainer (SD3.5 sigma_table[t]^2, SDXL "
+                                "sqrt(abar_t), FLUX (1-sigma)^2); paper = alpha_t^2 = (1-sigma)^2 (SDXL abar_t)")
+    discriminator_time_weight: bool = Field(
+        True, description="with adversarial_time_weight omega: weight both hinge terms of D's loss by the same omega(t) "
+                          "(released trainers); false = unweighted D loss (paper eq. 12)")
+
+    #: the values ``reference: paper`` gives the keys it governs (subclasses add theirs)
+    PAPER_FORMS: ClassVar[dict[str, Any]] = {
+        "dmd_time": {"kind": "uniform", "low": 0.02, "high": 0.98, "shift": True, "discrete": False},
+        "fake_time": {"kind": "teacher", "shift": False},
+        "first_anchor": "diffused",
+        "omega": "paper",
+        "discriminator_time_weight": False,
+    }
+
+    def native_anchors(self, schedule: NoiseSchedule, units: Sequence[float]) -> Tensor:
+        """The generator's native anchor times: unit anchors through the teacher's shift (SenseFlow, DMD2)."""
+        return anchors(schedule, units)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_preset(cls, data: Any) -> Any:
+        """``reference: paper`` fills the keys it governs unless they are given explicitly."""
+        if isinstance(data, dict) and data.get("reference") == "paper":
+            data = {**cls.PAPER_FORMS, **data}
+        return data
 
 
 class DMD2(Method):
@@ -79,22 +115,54 @@ class DMD2(Method):
         if phase == "fake_score":
             return self.fake_score_loss(batch, rng)
         if phase == "discriminator" and self.adversarial is not None:
-            with torch.no_grad():
-                x = self.sample_generator(batch, rng)
-            return self.adversarial.discriminator_loss(x, batch)
+            return self.discriminator_loss(batch, rng)
         raise ValueError(f"{self.name} has no phase {phase!r}")
+
+    # -- released forms (issue #12) ----------------------------------------------------------------
+    @property
+    def released(self) -> ReleasedForms:
+        """The teacher family's released-trainer forms (its adapter says; see senseflow.released)."""
+        return getattr(self.models.teacher.adapter, "released", PAPER)
+
+    def omega(self, t: Tensor) -> Tensor:
+        """The adversarial time weight at G's input anchor ``t`` (``method.omega``)."""
+        if self.config.omega == "paper":
+            return self.schedule.omega(t)
+        return released_omega(self.schedule, t, self.released.omega)
 
     # -- pieces --------------------------------------------------------------------------------
     def generator_input(self, batch: Batch, rng: RandomStreams) -> GeneratorInput:
         return self.models.generator.training_input(
             batch.cond, (len(batch), *self.latent_shape), rng, real_x0=batch.latents,
-            backward_probability=self.config.backward_probability)
+            backward_probability=self.config.backward_probability,
+            pure_first_anchor=self.config.first_anchor == "noise")
 
     def sample_generator(self, batch: Batch, rng: RandomStreams) -> Tensor:
         """A detached G sample (``x0``) from a fresh training input (for fake-score / D updates)."""
+        return self.sample_generator_at(batch, rng)[1]
+
+    def sample_generator_at(self, batch: Batch, rng: RandomStreams) -> tuple[GeneratorInput, Tensor]:
+        """The training input and the detached G sample drawn from it."""
         gin = self.generator_input(batch, rng)
         with torch.no_grad():
-            return self.models.generator(gin.x_t, gin.t, batch.cond)
+            return gin, self.models.generator(gin.x_t, gin.t, batch.cond)
+
+    def discriminator_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
+        """D's loss on real data vs a fresh G sample; time-weighted like G's term when configured.
+
+        The released trainers multiply BOTH hinge terms by omega(t) of the G sample's anchor.  The
+        anchor index is drawn once per batch (shared stream), so omega is one number per batch and
+        scaling the term's loss by it equals weighting each sample's hinge terms.
+        """
+        gin, x = self.sample_generator_at(batch, rng)
+        out = self.adversarial.discriminator_loss(x, batch)
+        if self.config.adversarial_time_weight != "omega" or not self.config.discriminator_time_weight:
+            return out
+        w = self.omega(gin.t)
+        if not bool((w == w[0]).all()):
+            raise ValueError("discriminator time weight: the batch mixes anchors; draw one anchor per batch")
+        weight = float(w[0])
+        return LossOutput(out.loss * weight, {**out.logs, "d_time_weight": weight})
 
     def dmd_loss(self, x: Tensor, cond: Conditioning, rng: RandomStreams) -> tuple[Tensor, dict[str, Tensor]]:
         """The distribution-matching loss for G samples ``x`` (gradient flows into ``x`` only)."""
@@ -117,7 +185,7 @@ class DMD2(Method):
     def adversarial_loss(self, gin: GeneratorInput, x: Tensor, batch: Batch) -> Tensor:
         per_sample = self.adversarial.generator_loss(x, batch)
         if self.config.adversarial_time_weight == "omega":
-            per_sample = per_sample * self.schedule.omega(gin.t).to(per_sample)
+            per_sample = per_sample * self.omega(gin.t).to(per_sample)
         return per_sample.mean()
 
     def extra_generator_losses(self, gin: GeneratorInput, x: Tensor, batch: Batch,
@@ -168,8 +236,9 @@ class IDAPlan:
     parameters hold (the fp32 master weights under AMP; the local shards under FSDP2, where both
     networks share one sharding plan).  Parameters the generator lacks (FLUX's guidance embedder,
     removed from the student) are left as they are.  fp32 parameters are updated with fused
-    ``_foreach`` kernels (``phi * lam + (1 - lam) * theta``, the same arithmetic as the
-    per-tensor form); low-precision storage is interpolated in fp32 and rounded once.
+    ``_foreach`` kernels doing the released arithmetic, ``phi.mul_(lam).add_(theta, alpha=1 - lam)``
+    (bit-identical to it; multiplying ``theta`` first would round twice); low-precision storage is
+    interpolated in fp32 and rounded once.
     """
 
     def __init__(self, fake: nn.Module, generator: nn.Module) -> None:
@@ -195,9 +264,9 @@ class IDAPlan:
     @torch.no_grad()
     def apply(self, lam: float) -> int:
         ps, qs = self.fused
-        if ps:
+        if ps:  # the released p.mul_(lam).add_(q, alpha=1 - lam), bit for bit
             torch._foreach_mul_(ps, lam)
-            torch._foreach_add_(ps, torch._foreach_mul(qs, 1.0 - lam))
+            torch._foreach_add_(ps, qs, alpha=1.0 - lam)
         for p, q in self.mixed:
             p.copy_(p.float() * lam + (1.0 - lam) * q.float())
         return len(self)

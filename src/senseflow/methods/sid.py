@@ -31,7 +31,7 @@ of the fake loss, as the released code does.  With ``adversarial: false`` nothin
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from pydantic import Field
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ..configbase import StrictModel, TimeSamplerConfig
 from ..discriminators.dit_pool import LOGIT_CLAMP, PooledFeatureDiscriminator, bce_generator, bce_real_fake
 from ..rng import RandomStreams
+from ..schedules import NoiseSchedule, anchors
 from ..teachers.base import Conditioning, Guidance, SenseflowError
 from .base import Batch, DistillationModels, GuidanceSpec, LossOutput, Method, per_sample_mean, per_sample_sum
 
@@ -70,6 +71,16 @@ class SiDConfig(StrictModel):
     adversarial_warmup_images: int = Field(
         40_000, ge=0, description="L_adv joins G's loss once this many images (global) were seen")
     adversarial_logit_clamp: float = Field(LOGIT_CLAMP, gt=0.0, description="logits are clamped to +-this before BCE")
+    # -- released SiD-DiT forms (issue #12) --------------------------------------------------------
+    use_sd3_shift: bool = Field(
+        False, description="map generator.anchors through the teacher's shift (SD3.5: 1, .9, .75, .5); false = "
+                           "unshifted sigmas 1, .75, .5, .25 (released SiD-DiT default and paper: t_k = 1 - (k-1)/K)")
+    legacy_weight_floor: float = Field(
+        1e-5, gt=0.0, description="weighting legacy: w = 1 / max(mean|x_g - f_r|, floor) (released: clip(min=1e-5))")
+
+    def native_anchors(self, schedule: NoiseSchedule, units: Sequence[float]) -> Tensor:
+        """The generator's native anchor times for unit anchors (``use_sd3_shift``)."""
+        return anchors(schedule, units) if self.use_sd3_shift else schedule.unshifted(list(units))
 
 
 class SiD(Method):
@@ -137,7 +148,7 @@ class SiD(Method):
         """Per-sample ``w_t``; SNR-based options use ``t' = sigma / (alpha + sigma)`` (= t for flows)."""
         w = self.config.weighting
         if w == "legacy":
-            return 1.0 / per_sample_mean((x_g - f_r).abs()).detach().clamp_min(1e-8)
+            return 1.0 / per_sample_mean((x_g - f_r).abs()).detach().clamp_min(self.config.legacy_weight_floor)
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         tt = (s / (a + s)).clamp(1e-6, 1.0 - 1e-6)
         out = {"one_minus_t": 1.0 - tt, "inv_t": 1.0 / tt, "one_minus_t_sq": (1.0 - tt) ** 2,

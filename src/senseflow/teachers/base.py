@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..released import PAPER, ReleasedForms
 from ..schedules import NoiseSchedule, as_time, expand_like
 
 
@@ -100,6 +101,8 @@ class ModelAdapter(ABC):
     schedule: NoiseSchedule
     #: which guidance kinds the family supports: subset of {"cfg", "embedded"}
     guidance_kinds: frozenset[str] = frozenset({"cfg"})
+    #: the family's released SenseFlow trainer where it differs from the paper (``method.reference: released``)
+    released: ReleasedForms = PAPER
 
     # -- the one required model call -----------------------------------------------------------
     @abstractmethod

@@ -46,6 +46,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time, flux_mu
 from . import loading
 from .base import Conditioning, SenseflowError
@@ -222,6 +223,8 @@ class FluxAdapter(DiffusersFolderAdapter):
     guidance_kinds = frozenset({"embedded"})
     family = "flux"
     label = "FLUX"
+    #: released trainer_flux_senseflow.py: omega = (1 - sigma)^2; ISG t_mid an integer in 1000 * sigma (shifted)
+    released = ReleasedForms(omega="alpha_sq", isg_form="two_step", isg_grid="native_1000")
     packed_channels = 4  # the transformer sees 2x2-packed latents
 
     def __init__(self, transformer_config: Mapping[str, Any] | nn.Module, *, resolution: int, vae: nn.Module | Mapping,

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time
 from . import loading
 from .base import Conditioning, SenseflowError
@@ -144,6 +145,8 @@ class SD3Adapter(DiffusersFolderAdapter):
     guidance_kinds = frozenset({"cfg"})
     family = "sd3"
     label = "SD3"
+    #: released trainer_sd35_senseflow.py: omega = noise_scheduler.sigmas[t] ** 2; ISG t_mid an integer table index
+    released = ReleasedForms(omega="sigma_table_sq", isg_form="two_step", isg_grid="unit_index")
 
     def __init__(self, transformer_config: Mapping[str, Any] | nn.Module, *, resolution: int,
                  shift: float = DEFAULT_SHIFT, clip_encoders: Sequence[TextEncoder] = (),

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..released import ReleasedForms
 from ..schedules import DDPM, as_time
 from . import loading
 from .base import Conditioning, SenseflowError
@@ -134,6 +135,9 @@ class SDXLAdapter(DiffusersFolderAdapter):
     guidance_kinds = frozenset({"cfg"})
     family = "sdxl"
     label = "SDXL"
+    #: released trainer_sdxl_senseflow.py: omega = sqrt(abar_t); ISG reduces to an x0 regression onto the
+    #: CFG teacher (get_isg_guidance rebuilds x0 at x_mid from the teacher's eps); t_mid an integer index
+    released = ReleasedForms(omega="alpha", isg_form="x0_regression", isg_grid="unit_index")
 
     def __init__(self, unet_config: Mapping[str, Any] | nn.Module, *, resolution: int,
                  schedule: DDPM | None = None, clip_encoders: Sequence[TextEncoder] = (),
