@@ -49,7 +49,8 @@ EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 def _load_extra_commands() -> None:
     import importlib
 
-    for module in ("senseflow.toy.cli", "senseflow.cli_data", "senseflow.cli_tools", "senseflow.bench.cli"):
+    for module in ("senseflow.toy.cli", "senseflow.cli_data", "senseflow.cli_tools", "senseflow.bench.cli",
+                   "senseflow.evaluation.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
