@@ -55,6 +55,8 @@ class EvalPlan:
     html_rows: int = 16
     progress: bool = True
     command: list[str] = field(default_factory=lambda: list(sys.argv))
+    #: ready Metric objects by name (library use, tests); built from ``metrics`` otherwise
+    prebuilt: dict[str, Any] = field(default_factory=dict)
 
     @property
     def all_sources(self) -> list[ImageSource]:
@@ -79,7 +81,7 @@ def validate_plan(plan: EvalPlan) -> None:
     out = Path(plan.out)
     if out.exists() and not out.is_dir():
         raise SenseflowError(f"--out {str(out)!r} exists and is not a directory")
-    check_metric_names(plan.metrics)
+    check_metric_names([m for m in plan.metrics if m.name not in plan.prebuilt])
     for p in plan.prompts.real_images:
         if not Path(p).is_file():
             raise SenseflowError(f"real image {str(p)!r} not found")
@@ -246,7 +248,8 @@ def evaluate(plan: EvalPlan) -> dict[str, Any] | None:
     if ctx.is_main:
         try:
             for spec in plan.metrics:
-                metrics[spec.name] = build(spec, device=device, batch_size=plan.metric_batch_size)
+                metrics[spec.name] = plan.prebuilt.get(spec.name) or build(spec, device=device,
+                                                                           batch_size=plan.metric_batch_size)
             check_requirements(plan, metrics)
         except SenseflowError as exc:
             error = str(exc)
