@@ -124,7 +124,8 @@ def best_clip_captions(images: Sequence[CocoImage], clip_folder: str | os.PathLi
     from transformers import CLIPModel, CLIPProcessor
 
     folder = Path(clip_folder)
-    if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
+    if not (folder / "config.json").is_file() or not any((folder / n).is_file() for n in
+                                                         ("preprocessor_config.json", "processor_config.json")):
         raise SenseflowError(f"CLIP folder {str(clip_folder)!r} for the best-caption selection must be a "
                              f"transformers CLIPModel folder (config.json, model.safetensors, preprocessor_config.json, "
                              f"tokenizer files), e.g. `huggingface-cli download openai/clip-vit-base-patch32 "

@@ -1,0 +1,119 @@
+"""``senseflow evaluate`` from the command line: bad inputs are one line with nothing written; the toy world end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from senseflow.cli import main
+
+EXIT_USER_ERROR = 2
+
+
+@pytest.fixture(scope="module")
+def toy_student(tmp_path_factory) -> Path:
+    """A 4-anchor student made from the shipped toy teacher's weights (no training: the runner is under test)."""
+    from senseflow.export import export_student
+    from senseflow.generator import FewStepGenerator
+    from senseflow.schedules import anchors as unit_to_native
+    from senseflow.teachers.base import Denoiser
+    from senseflow.toy.teacher import load_toy_teacher
+
+    run = tmp_path_factory.mktemp("toyrun")
+    adapter, backbone = load_toy_teacher()
+    gen = FewStepGenerator(Denoiser(backbone, adapter), unit_to_native(adapter.schedule, [1.0, 0.75, 0.5, 0.25]))
+    export_student(gen, run / "student", {"family": "toy", "teacher": "builtin:toy", "resolution": 32,
+                                          "sampler": "stochastic", "method": "none", "step": 0})
+    return run
+
+
+def one_line_error(capsys, argv, out: Path) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == EXIT_USER_ERROR, err
+    assert err.startswith("senseflow: error: ") and "\n" not in err, err
+    assert not out.exists(), "nothing may be written for bad input"
+    return err
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys, toy_student):
+    out = tmp_path / "out"
+    base = ["evaluate", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    toy = ["--prompts", "builtin:toy-world", "--num-prompts", "2"]
+    err = one_line_error(capsys, base + ["--student", str(tmp_path / "nope")] + toy, out)
+    assert "does not exist" in err and "student/" in err
+    (tmp_path / "empty").mkdir()
+    err = one_line_error(capsys, base + ["--pipeline", str(tmp_path / "empty")] + toy, out)
+    assert "model_index.json" in err and "huggingface-cli download" in err
+    err = one_line_error(capsys, base + ["--teacher", str(tmp_path / "empty")] + toy, out)
+    assert "model_index.json" in err
+    err = one_line_error(capsys, base + ["--student", str(toy_student), "--metrics", "nosuch"] + toy, out)
+    assert "unknown metric 'nosuch'" in err and "toy" in err
+    err = one_line_error(capsys, base + ["--student", str(toy_student), "--weights", f"toy={tmp_path / 'empty'}"]
+                         + toy, out)
+    assert "evaluator.safetensors" in err and "train_evaluator" in err
+    err = one_line_error(capsys, base + ["--student", str(toy_student), "--preset", "senseflow-coco5k"], out)
+    assert "--coco-annotations" in err and "cocodataset.org" in err
+    err = one_line_error(capsys, base + ["--student", f"{toy_student},steps=9"] + toy, out)
+    assert "steps must be in 1..4" in err
+    err = one_line_error(capsys, base + ["--student", str(toy_student), "--prompts", str(tmp_path / "p.txt")], out)
+    assert "not found" in err
+
+
+def test_bad_coco_files_are_one_line(tmp_path, capsys, toy_student):
+    out = tmp_path / "out"
+    images = tmp_path / "val2017"
+    images.mkdir()
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                     "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1]}]}))
+    base = ["evaluate", "--out", str(out), "--student", str(toy_student), "--preset", "dmd2-coco10k",
+            "--coco-images", str(images)]
+    err = one_line_error(capsys, base + ["--coco-annotations", str(instances)], out)
+    assert "captions" in err
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                    "annotations": [{"image_id": 1, "id": 3, "caption": "a cat"}]}))
+    err = one_line_error(capsys, base + ["--coco-annotations", str(captions)], out)
+    assert "lacks 1 of the 1" in err and "a.png" in err
+    err = one_line_error(capsys, base + ["--coco-annotations", str(tmp_path / "missing.json")], out)
+    assert "captions_val2017.json" in err
+
+
+@pytest.mark.slow
+def test_toy_evaluate_end_to_end(tmp_path, capsys, toy_student):
+    """The README command in miniature: shipped toy teacher + a toy student, scored by the toy evaluator."""
+    from senseflow.evaluation.store import read_png
+    from senseflow.evaluation.toy_metric import uint8_to_signed
+    from senseflow.toy.evaluator import ToyEvaluator
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--student", f"{toy_student},steps=2", "--prompts", "builtin:toy-world", "--num-prompts",
+            "3", "--per-prompt", "2", "--teacher-steps", "4", "--out", str(out), "--cache-dir",
+            str(tmp_path / "cache"), "--batch-size", "6", "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    label = f"{toy_student.name}-2step"
+    assert set(res["sources"]) == {"teacher", label}
+    student = res["sources"][label]["metrics"]
+    # the numbers are the toy evaluator's on exactly the PNGs written (independent recomputation)
+    prompts = [x["prompt"] for x in json.loads((out / "prompts.json").read_text())["items"]]
+    imgs = torch.stack([read_png(out / f"images/{label}/{i:05d}.png") for i in range(6)])
+    refs = torch.stack([read_png(out / f"images/teacher/{i:05d}.png") for i in range(6)])
+    want = ToyEvaluator.load().evaluate(uint8_to_signed(imgs), prompts, reference_teacher=uint8_to_signed(refs))
+    for key in ("attr_acc", "fd_real", "fd_teacher", "diversity"):
+        assert student[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+    assert "fd_teacher" not in res["sources"]["teacher"]["metrics"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["weights_sha256"]["toy"].values())[0] == __import__("senseflow.evaluation.metrics.base",
+                                                                             fromlist=["x"]).sha256_file(
+        Path(list(manifest["weights_sha256"]["toy"])[0]))
+    assert manifest["sources"]["teacher"]["steps"] == 4 and manifest["sources"][label]["steps"] == 2
+    page = (out / "index.html").read_text()
+    assert f"images/{label}/00000.png" in page and "images/teacher/00000.png" in page
+    assert "| teacher | teacher | 4 |" in (out / "results.md").read_text()
+    # re-running the same command resumes: nothing is sampled again, the numbers stay
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["sources"][label]["metrics"] == student
+    capsys.readouterr()
