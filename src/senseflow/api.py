@@ -39,6 +39,8 @@ def build_trainer(config: Config, resume: str = "auto", hooks: TrainerHooks | No
     resolve_device(config.train.device)  # fail early on an impossible device request
     ctx = init_distributed(config.train.device)
     device = ctx.device
+    from .evaluation.train_eval import attach_train_eval
+    hooks = attach_train_eval(config, hooks, ctx.is_main, device)   # train.eval (metric weights checked here)
     models = build_models(config, device, ctx.rank, meta=builds_on_meta(config.parallel, ctx))
     if config.train.precision == "bf16":
         for net in (models.generator, models.fake_score):
