@@ -28,9 +28,9 @@ class SeedSource(ImageSource):
     kind = "student"
 
     def __init__(self, label: str = "fake", offset: int = 0, fail_after: int | None = None,
-                 cached: bool = False, steps: int = 4) -> None:
+                 cached: bool = False, steps: int = 4, size: int = 8) -> None:
         super().__init__(label)
-        self.offset, self.fail_after, self.cached, self.steps = offset, fail_after, cached, steps
+        self.offset, self.fail_after, self.cached, self.steps, self.size = offset, fail_after, cached, steps, size
         self.rendered = 0
         self.calls = 0
         self.loads = 0
@@ -38,11 +38,11 @@ class SeedSource(ImageSource):
             self.kind = "teacher"
 
     def settings(self) -> dict[str, Any]:
-        return {"kind": self.kind, "offset": self.offset, "steps": self.steps, "resolution": 8}
+        return {"kind": self.kind, "offset": self.offset, "steps": self.steps, "resolution": self.size}
 
     def cache_fields(self) -> dict[str, Any] | None:
         return {"teacher": f"fake-{self.offset}", "steps": self.steps, "cfg": 1.0, "sampler": "euler",
-                "resolution": 8} if self.cached else None
+                "resolution": self.size} if self.cached else None
 
     def load(self, device) -> None:
         self.loads += 1
@@ -53,7 +53,7 @@ class SeedSource(ImageSource):
         for s in seeds:
             if self.fail_after is not None and self.rendered >= self.fail_after:
                 raise KeyboardInterrupt("killed")
-            out.append(seed_image(s, offset=self.offset))
+            out.append(seed_image(s, size=self.size, offset=self.offset))
             self.rendered += 1
         return np.stack(out)
 
