@@ -54,3 +54,14 @@ def test_source_specs():
     assert parse_spec("fast=runs/a,steps=2,sampler=euler") == ("fast", "runs/a", {"steps": "2", "sampler": "euler"})
     with pytest.raises(SenseflowError, match="key=value"):
         parse_spec("runs/a,2")
+
+
+def test_teacher_with_its_stock_pipeline_is_the_pipeline_source(sd3_folder):
+    t = TeacherSource(str(sd3_folder), steps=2, cfg=1.0, resolution=32, sampler="pipeline")
+    p = PipelineSource(sd3_folder, steps=2, cfg=1.0, resolution=32)
+    t.load(torch.device("cpu"))
+    p.load(torch.device("cpu"))
+    assert np.array_equal(t.render(PROMPTS[:1], [3]), p.render(PROMPTS[:1], [3]))
+    assert t.cache_fields()["sampler"] == "pipeline"          # cached apart from the Euler-sampled reference
+    with pytest.raises(SenseflowError, match="toy teacher has no stock pipeline"):
+        TeacherSource("builtin:toy", sampler="pipeline")

@@ -223,7 +223,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--teacher-steps", type=int, default=None, help="Euler steps (default: the preset's / paper's)")
     src.add_argument("--teacher-cfg", type=float, default=None,
                      help="CFG scale (embedded guidance for FLUX); default: the preset's")
-    src.add_argument("--teacher-sampler", default="euler", choices=("euler",), help="teacher sampler")
+    src.add_argument("--teacher-sampler", default="euler", choices=("euler", "pipeline"),
+                     help="euler: senseflow's Euler sampler through the adapter (default); pipeline: the teacher "
+                          "folder's own stock diffusers pipeline and scheduler")
     src.add_argument("--teacher-resolution", type=int, default=None, help="default: the student's / family's")
     pr = p.add_argument_group("prompts")
     pr.add_argument("--prompts", metavar="FILE|builtin:toy-world", help="prompt file (.txt/.json/.csv) or a toy world")

@@ -39,7 +39,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
 }
 #: default teacher resolution per family (the toy teacher works at 32 px only)
 DEFAULT_RESOLUTION: dict[str, int] = {"toy": 32, "sd3": 1024, "flux": 1024, "sdxl": 1024, "sana": 1024}
-TEACHER_SAMPLERS = ("euler",)
+TEACHER_SAMPLERS = ("euler", "pipeline")   # pipeline: the teacher folder's own stock pipeline and scheduler
 
 
 def fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -204,6 +204,13 @@ class TeacherSource(ImageSource):
         super().__init__(label)
         self.denoiser = None
         self.device = torch.device("cpu")
+        self.pipeline: PipelineSource | None = None
+        if sampler == "pipeline":
+            if self.family == "toy" or folder is None:
+                raise SenseflowError("--teacher-sampler pipeline needs a diffusers teacher folder with its VAE (the toy "
+                                     "teacher has no stock pipeline): use --teacher-sampler euler")
+            self.pipeline = PipelineSource(folder, label=label, steps=self.steps, cfg=self.cfg,
+                                           resolution=self.resolution, dtype=dtype)
 
     def _folder(self) -> Path | None:
         if self.path == "builtin:toy":
@@ -227,6 +234,9 @@ class TeacherSource(ImageSource):
         return Guidance(embedded=self.cfg)
 
     def load(self, device: torch.device) -> None:
+        if self.pipeline is not None:
+            self.pipeline.load(device)
+            return
         if self.denoiser is None:
             from ..build import load_teacher
             from ..teachers.base import Denoiser, freeze
@@ -238,6 +248,9 @@ class TeacherSource(ImageSource):
     def render(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         from ..generate import ImageNoise
         from ..sampling import sample_ode
+
+        if self.pipeline is not None:
+            return self.pipeline.render(prompts, seeds)
         from ..teachers.loading import module_dtype
 
         adapter = self.denoiser.adapter
@@ -250,6 +263,8 @@ class TeacherSource(ImageSource):
 
     def unload(self) -> None:
         self.denoiser = None
+        if self.pipeline is not None:
+            self.pipeline.unload()
 
 
 # -------------------------------------------------------------------------------------------------
