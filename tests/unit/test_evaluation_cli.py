@@ -117,3 +117,22 @@ def test_toy_evaluate_end_to_end(tmp_path, capsys, toy_student):
     assert main(argv) == 0
     assert json.loads((out / "results.json").read_text())["sources"][label]["metrics"] == student
     capsys.readouterr()
+
+
+def test_teacher_curve_on_the_toy_teacher(tmp_path, capsys):
+    out = tmp_path / "curve"
+    err = one_line_error(capsys, ["evaluate", "--teacher-curve", "--out", str(out), "--prompts", "builtin:toy-world"],
+                         out)
+    assert "--teacher" in err
+    err = one_line_error(capsys, ["evaluate", "--teacher-curve", "--teacher", "builtin:toy", "--out", str(out),
+                                  "--prompts", "builtin:toy-world", "--curve-points", "1"], out)
+    assert "--curve-points must be >= 2" in err
+    assert main(["evaluate", "--teacher-curve", "--teacher", "builtin:toy", "--prompts", "builtin:toy-world",
+                 "--num-prompts", "2", "--teacher-steps", "2", "--curve-points", "3", "--out", str(out)]) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["t_unit"] == pytest.approx([1 / 6, 0.5, 5 / 6]) and curve["num_images"] == 2
+    assert all(x >= 0 and x == x for x in curve["xi"])
+    # the toy teacher denoises almost-clean inputs far better than almost-pure noise
+    assert curve["xi"][0] < curve["xi"][-1]
+    assert (out / "curve.png").stat().st_size > 1000
+    capsys.readouterr()
