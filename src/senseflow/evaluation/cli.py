@@ -135,6 +135,18 @@ def _image_files(folder: str) -> list[Path]:
     return files
 
 
+def _student_teacher(spec: str, teacher: str | None) -> str | None:
+    """--teacher also loads a student whose recorded teacher folder is not on this machine."""
+    if teacher is None:
+        return None
+    from ..student import read_student
+    from .sources import parse_spec
+    recorded = read_student(parse_spec(spec)[1]).teacher
+    if recorded.startswith("builtin:") or Path(os.path.expanduser(recorded)).is_dir():
+        return None
+    return teacher
+
+
 def build_plan(args: argparse.Namespace):
     """Arguments -> a validated :class:`EvalPlan` (one-line errors; nothing written)."""
     from .backends import MetricSpec
@@ -150,7 +162,8 @@ def build_plan(args: argparse.Namespace):
         if not Path(path).exists():
             raise SenseflowError(f"--weights {name}={path}: {path!r} does not exist")
     options = _metric_options(args.metric_option)
-    students = [student_from_spec(s, teacher=None, dtype=args.dtype) for s in args.student or []]
+    students = [student_from_spec(s, teacher=_student_teacher(s, args.teacher), dtype=args.dtype)
+                for s in args.student or []]
     pipelines = [pipeline_from_spec(s, dtype=args.dtype or "float32") for s in args.pipeline or []]
     teacher = _teacher_for(args, students, preset)
     device = resolve_device(args.device)
@@ -167,7 +180,8 @@ def build_plan(args: argparse.Namespace):
     metrics = [MetricSpec(n, weights.get(n), {**preset_options.get(n, {}), **options.get(n, {})}) for n in names]
     protocol: dict[str, Any] = preset.as_json() if preset is not None else {"name": "custom"}
     if preset is not None:
-        protocol["comparable"] = len(set(prompts.prompts)) >= preset.num_images and args.seed in (None, preset.seed)
+        protocol["comparable"] = len(prompts) // prompts.per_prompt >= preset.num_images \
+            and args.seed in (None, preset.seed)
     plan = EvalPlan(out=Path(args.out), prompts=prompts, sources=[*students, *pipelines], teacher=teacher,
                     metrics=metrics, cache_dir=Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE,
                     batch_size=args.batch_size, metric_batch_size=args.metric_batch_size, device=args.device,

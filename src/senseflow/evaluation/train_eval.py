@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,10 +168,9 @@ class TrainEvaluator:
         keep = False
         if self.is_main:
             numbers = self.score(images)
-            logged = trainer.logger.scalars(step, {f"eval/{k}": v for k, v in numbers.items()}) \
-                if trainer.logger is not None else numbers
+            if trainer.logger is not None:       # TensorBoard + metrics.jsonl
+                trainer.logger.scalars(step, {f"eval/{k}": v for k, v in numbers.items()})
             self.history.append({"step": step, **numbers})
-            del logged
             if self.cfg.best_metric is not None:
                 if self.cfg.best_metric not in numbers:
                     from ..teachers.base import SenseflowError
@@ -192,6 +192,7 @@ class TrainEvaluator:
         from safetensors.torch import save_file
 
         from ..export import STUDENT_WEIGHTS, export_meta
+        from .runner import finite
         from .store import write_json_atomic
 
         backbone = trainer.method.models.generator.denoiser.backbone
@@ -207,8 +208,7 @@ class TrainEvaluator:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         tmp = folder / f".{STUDENT_WEIGHTS}.tmp"
         save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "senseflow", "step": str(step)})
-        import os
-        os.replace(tmp, folder / STUDENT_WEIGHTS)
+        os.replace(tmp, folder / STUDENT_WEIGHTS)      # weights first, then the JSON that names them
         c = self.config
         meta = {"family": c.teacher.family, "teacher": c.paths.teacher, "resolution": c.teacher.resolution,
                 "sampler": c.generator.sampler, "method": c.method.name, "step": step}
@@ -217,7 +217,7 @@ class TrainEvaluator:
         export_meta(trainer.method.models.generator, folder, meta)
         write_json_atomic(folder / "best.json", {"step": step, "metric": self.cfg.best_metric,
                                                  "mode": self.cfg.best_mode, "value": self.best,
-                                                 "numbers": {k: v for k, v in numbers.items() if k != "step"}})
+                                                 "numbers": finite({k: v for k, v in numbers.items() if k != "step"})})
 
 
 def attach_train_eval(config, hooks, is_main: bool, device: torch.device):
