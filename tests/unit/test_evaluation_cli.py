@@ -136,3 +136,70 @@ def test_teacher_curve_on_the_toy_teacher(tmp_path, capsys):
     assert curve["xi"][0] < curve["xi"][-1]
     assert (out / "curve.png").stat().st_size > 1000
     capsys.readouterr()
+
+
+def test_preset_on_local_coco_files_through_the_metric_registry(tmp_path, capsys, toy_student, monkeypatch):
+    """dmd2-coco10k on a synthetic COCO: first captions, real images centre-cropped to 512, metric via the registry."""
+    import sys
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from senseflow.evaluation.coco import load_real_image
+    from tests.helpers.eval_fakes import MeanMetric
+
+    class RealStats(MeanMetric):
+        name = "fid"
+        requires = frozenset({"real"})
+
+        def reset(self):
+            super().reset()
+            self.real = []
+
+        def update_real(self, images):
+            self.real.append(images)
+
+        def compute(self):
+            real = torch.cat(self.real)
+            return {"num_real": float(real.shape[0]), "real_side": float(real.shape[-1]),
+                    "real_mean": float(real.double().mean()), **super().compute()}
+
+    built = {}
+
+    def build_metric(name, weights, *, device, batch_size=32, **options):
+        built[name] = (weights, options)
+        return RealStats()
+
+    monkeypatch.setitem(sys.modules, "senseflow.evaluation.metrics.registry",
+                        types.SimpleNamespace(METRICS={"fid": "test"}, build_metric=build_metric))
+    folder = tmp_path / "val2014"
+    folder.mkdir()
+    images, anns = [], []
+    for k, iid in enumerate([9, 4, 6]):
+        Image.fromarray(np.full((600, 700 + k, 3), 40 * k, np.uint8)).save(folder / f"{iid}.jpg", quality=95)
+        images.append({"id": iid, "file_name": f"{iid}.jpg"})
+        anns += [{"image_id": iid, "id": 50 - iid, "caption": f"a red circle {iid}"},
+                 {"image_id": iid, "id": 90 + iid, "caption": "a blue square"}]
+    ann = tmp_path / "captions_val2014.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns}))
+    weights = tmp_path / "inception.pt"
+    weights.write_bytes(b"x")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--preset", "dmd2-coco10k", "--student", f"{toy_student},steps=1", "--no-teacher",
+                 "--coco-annotations", str(ann), "--coco-images", str(folder), "--num-prompts", "3", "--metrics", "fid",
+                 "--weights", f"fid={weights}", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                 "--no-progress"]) == 0
+    assert built == {"fid": (str(weights), {})}
+    items = json.loads((out / "prompts.json").read_text())["items"]
+    assert [x["prompt"] for x in items] == ["a red circle 4", "a red circle 6", "a red circle 9"]   # id order
+    from senseflow.generate import image_seed
+    assert [x["seed"] for x in items] == [image_seed(10, i) for i in range(3)]                     # DMD2's seed 10
+    m = json.loads((out / "results.json").read_text())["sources"][f"{toy_student.name}-1step"]["metrics"]
+    assert m["num_real"] == 3 and m["real_side"] == 512
+    want = np.mean([load_real_image(folder / f"{i}.jpg", 512).double().mean().item() for i in (4, 6, 9)])
+    assert m["real_mean"] == pytest.approx(want)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["protocol"]["name"] == "dmd2-coco10k" and manifest["protocol"]["comparable"] is False
+    assert manifest["real_images"] == {"count": 3, "resize": 512, "rule": manifest["real_images"]["rule"]}
+    capsys.readouterr()

@@ -46,7 +46,7 @@ def build_manifest(plan, metrics: dict[str, Any], world_size: int, device: torch
         "seeds": {"base_seed": prompts.base_seed, "rule": "senseflow.generate.image_seed(base_seed, index)",
                   "values": list(prompts.seeds)},
         "real_images": {"count": len(prompts.real_images), "resize": plan.real_size,
-                        "rule": "centre crop to a square, PIL resize (coco.REAL_RESAMPLE) to resize x resize"
+                        "rule": "centre crop to a square, PIL LANCZOS resize to resize x resize (coco.load_real_image)"
                                 if plan.real_size else "native size"},
         "sources": {s.label: s.settings() for s in plan.all_sources},
         "resolution": {s.label: s.settings().get("resolution") or s.settings().get("call", {}).get("height")
