@@ -102,6 +102,8 @@ def build_trainer(config: Config, resume: str = "auto", hooks: TrainerHooks | No
 
 def _build(config: Config, ctx: DistContext, run_dir: Path, ckpt: Path | None, hooks: TrainerHooks | None) -> Trainer:
     device = ctx.device
+    from .evaluation.train_eval import attach_train_eval
+    hooks = attach_train_eval(config, hooks, ctx.is_main, device)   # train.eval (metric weights checked here)
     models = build_models(config, device, ctx.rank, meta=builds_on_meta(config.parallel, ctx))
     for net in (models.generator, models.fake_score):
         if config.train.precision == "bf16":

@@ -50,7 +50,7 @@ def _load_extra_commands() -> None:
     import importlib
 
     for module in ("senseflow.toy.cli", "senseflow.cli_data", "senseflow.cli_tools", "senseflow.bench.cli",
-                   "senseflow.evaluation.cli_convert"):
+                   "senseflow.evaluation.cli_convert", "senseflow.evaluation.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .configbase import StrictModel
 from .discriminators.config import VFMDiscriminatorConfig
+from .evaluation.train_eval import TrainEvalConfig
 from .lora import LoRAConfig
 from .methods import MethodConfig
 from .teachers.base import SenseflowError
@@ -160,6 +161,8 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True
     tensorboard: bool = True
+    eval: TrainEvalConfig | None = Field(None, description="evaluation during training: every N steps a cheap metric "
+                                         "set on M prompts, logged as eval/*; keeps <output>/best/ (docs/evaluation.md)")
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainConfig":

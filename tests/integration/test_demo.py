@@ -24,6 +24,9 @@ def test_demo_writes_metrics_grid_and_curves(untrained_teacher, tmp_path, method
     for key in ("teacher", "teacher_4step"):
         assert {"steps", "nfe", "attr_acc", "fd_real", "seconds_per_image"} <= metrics[key].keys()
     assert metrics["teacher"]["steps"] == 32 and metrics["teacher_4step"]["steps"] == 4
+    from senseflow.student import read_student   # the student is exported like `senseflow train` does
+    spec = read_student(out / "run")
+    assert spec.meta["method"] == method and len(spec.anchors) == 4 and spec.meta["step"] == 2
     student = metrics["student"]
     assert {"method", "steps", "nfe", "attr_acc", "fd_real", "fd_teacher", "seconds_per_image"} <= student.keys()
     assert student["method"] == method and student["nfe"] == 4

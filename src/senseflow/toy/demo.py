@@ -203,6 +203,7 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
     start_step = trainer.step
     trainer.fit()
     train_seconds = time.perf_counter() - t0
+    _export_student(trainer, config, out / "run" / "student")
 
     print("[3/3] evaluating the student", flush=True)
     with trainer.eval_weights():          # the EMA when generator.ema keeps one
@@ -230,6 +231,16 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
     _write_json_atomic(out / "metrics.json", results)
     print(report(results), flush=True)
     return results
+
+
+def _export_student(trainer: Trainer, config, folder: Path) -> None:
+    """``<out>/run/student/``, as ``senseflow train`` writes it: ``senseflow evaluate / generate --student <out>/run``."""
+    from ..export import export_student
+
+    export_student(trainer.method.models.generator, folder,
+                   {"family": config.teacher.family, "teacher": config.paths.teacher,
+                    "resolution": config.teacher.resolution, "sampler": config.generator.sampler,
+                    "method": config.method.name, "step": trainer.step})
 
 
 def _teacher_cfg(config) -> float:
