@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from ...config import parse_override
@@ -190,12 +191,16 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], list[int], d
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         raise SenseflowError("--ema must be in (0, 1)")
     overrides = parse_method_overrides(args.overrides)
+    unused = [k for k in overrides if not any(k in CONFIGS[m].model_fields for m in methods)]
+    if unused:
+        raise SenseflowError(f"--set {unused[0]}: no such setting in {', '.join(methods)} (see docs/config.md)")
     for m in methods:  # validate every override before anything is written
         try:
             RunSpec(method=m, method_overrides=_for_method(m, overrides)).method_config()
-        except Exception as exc:  # pydantic ValidationError
-            raise SenseflowError(f"--set for {m}: {str(exc).splitlines()[0]} "
-                                 f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else ''})") from None
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(p) for p in e["loc"])
+            raise SenseflowError(f"--set {where} for {m}: {e['msg']}") from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SenseflowError(f"--out {str(out)!r} exists and is not a directory")
