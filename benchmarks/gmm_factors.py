@@ -55,6 +55,7 @@ for m in ("senseflow", "dmd2"):
 _v("senseflow-4-noida", "senseflow", 4, method_overrides={"ida": False})
 _v("senseflow-4-noisg", "senseflow", 4, method_overrides={"isg_weight": 0.0})
 _v("senseflow-1-noida", "senseflow", 1, method_overrides={"ida": False})
+_v("dmd2-1-lr1e-3-it3000", "dmd2", 1, lr_g=1e-3, lr_fake=1e-3, iterations=3000)
 # pushed DMD2 (issue #13: 3x generator lr, TTUR 1), with and without IDA at several lambdas
 for lr, tag in ((3e-4, "push3"), (1e-3, "push10")):
     _v(f"dmd2-4-{tag}", "dmd2", 4, lr_g=lr, method_overrides={"ttur": 1})
