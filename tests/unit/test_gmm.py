@@ -152,7 +152,7 @@ def test_short_distillation_improves_over_its_start(one_thread):
     teacher-initialised 1-step student starts collapsed near it; 150 iterations must cut the
     sliced W2 to the true mixture by a fifth and raise the true log-density.  A wrong-signed
     score difference, or a trainer that never steps G, fails this (measured: 0.21 -> 0.14,
-    log-density -32 -> -23).  DMD2 at TTUR 1 diverges here (0.21 -> 0.58, docs/ground_truth.md).
+    log-density -32 -> -23).
     """
     from senseflow.toy.gmm.run import EvalSet, RunSpec, distil
     from senseflow.toy.gmm.teacher import fit_mlp_teacher
