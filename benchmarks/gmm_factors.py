@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/gmm")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-samples", type=int, default=4000)
+    p.add_argument("--teacher-width", type=int, default=128, help="width of the MLP backbone (capacity factor)")
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
     if args.list:
@@ -107,8 +108,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mixture = GaussianMixture.random(16, 4, 5, seed=0)
-    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), 128, 3, 2000)
+    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3, 2000)
     ev = EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
+    if args.teacher_width != 128:  # the capacity factor: how good is the backbone itself?
+        from senseflow.teachers.base import Guidance
+        from senseflow.toy.gmm.run import teacher_samples
+        for n in (4, 128):
+            f = ev.score(mixture, teacher_samples(mixture, mlp, n, ev, Guidance()))
+            tqdm.write(f"MLP teacher width {args.teacher_width}, Euler {n}: prec {f['precision']:.3f} "
+                       f"cov {f['coverage']:.2f} tv {f['mode_tv']:.3f} sw2 {f['sw2']:.3f}")
     log = out / "factors.jsonl"
     for name, seed in tqdm([(n, s) for n in names for s in seeds], desc="gmm factors", dynamic_ncols=True):
         method, steps, changes = VARIANTS[name]
@@ -116,6 +124,8 @@ def main() -> None:
         t0 = time.perf_counter()
         res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every)
         res.pop("generator")
+        if args.teacher_width != 128:
+            name = f"{name}-w{args.teacher_width}"
         rec = {"variant": name, "seed": seed, "seconds": time.perf_counter() - t0, **res}
         with open(log, "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")
