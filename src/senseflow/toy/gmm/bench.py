@@ -22,7 +22,7 @@ from ...config import parse_override
 from ...teachers.base import Guidance, SenseflowError
 from .metrics import METRICS
 from .mixture import GaussianMixture
-from .run import CONFIGS, EvalSet, RunSpec, distil, teacher_samples
+from .run import CONFIGS, EvalSet, RunSpec, distil, sample_generator, teacher_samples
 from .teacher import ExactVelocity, GMMAdapter, VelocityMLP, fit_mlp_teacher
 
 TEACHER_STEPS: tuple[int, ...] = (1, 2, 4, 8, 32, 128)
@@ -74,7 +74,8 @@ def markdown_table(entries: list[tuple[str, dict[str, tuple[float, float]]]]) ->
     return head + "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, metrics: Sequence[str] = ("precision", "sw2", "mode_tv", "coverage")) -> None:
+def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path,
+                metrics: Sequence[str] = ("precision", "sw2", "mode_tv", "coverage")) -> None:
     """Metric vs iteration, one line per run name (mean over seeds)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -248,7 +249,6 @@ def run(args: argparse.Namespace) -> int:
         name = f"{m} {k}-step"
         curves.setdefault(name, []).append(res)
         if s == seeds[0]:
-            from .run import sample_generator
             panels[name] = sample_generator(gen, ev)
     for name, rs in curves.items():
         entries.append((name, summarise([r["final"] for r in rs])))

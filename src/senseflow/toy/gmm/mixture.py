@@ -50,7 +50,8 @@ class GaussianMixture:
             raise SenseflowError("mixture: weights must be [C, M] and class_prior [C]")
         if bool((self.eigvals <= 0).any()):
             raise SenseflowError("mixture: covariances must be positive definite")
-        if bool((self.weights < 0).any()) or not torch.allclose(self.weights.sum(1), torch.ones(c, dtype=torch.float64)):
+        ones = torch.ones(c, dtype=torch.float64)
+        if bool((self.weights < 0).any()) or not torch.allclose(self.weights.sum(1), ones):
             raise SenseflowError("mixture: each class's component weights must be >= 0 and sum to 1")
 
     # -- construction ------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ class GaussianMixture:
         cov = torch.as_tensor(covariances, dtype=torch.float64)
         c, m, _ = means.shape
         vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.transpose(-1, -2)))
-        w = torch.full((c, m), 1.0 / m, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = torch.full((c, m), 1.0 / m, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64)
         prior = torch.full((c,), 1.0 / c, dtype=torch.float64) if class_prior is None else \
             torch.as_tensor(class_prior, dtype=torch.float64)
         return cls(means, vecs, vals, w, prior)
@@ -86,7 +88,8 @@ class GaussianMixture:
         g = torch.Generator().manual_seed(seed)
         means = torch.randn(classes, modes_per_class, dim, generator=g, dtype=torch.float64) * spread
         q, _ = torch.linalg.qr(torch.randn(classes, modes_per_class, dim, dim, generator=g, dtype=torch.float64))
-        std = scale[0] + (scale[1] - scale[0]) * torch.rand(classes, modes_per_class, dim, generator=g, dtype=torch.float64)
+        u = torch.rand(classes, modes_per_class, dim, generator=g, dtype=torch.float64)
+        std = scale[0] + (scale[1] - scale[0]) * u
         if weight_concentration is None:
             w = torch.full((classes, modes_per_class), 1.0 / modes_per_class, dtype=torch.float64)
         else:

@@ -196,8 +196,8 @@ def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSe
     with tempfile.TemporaryDirectory(prefix="gmm_run_") as tmp:
         # samples=None: Trainer.sample_grid decodes latents to images, which a (D,) latent is not
         # (issue #13 item 4, fixed on another branch); the benchmark scores samples itself instead.
-        trainer = Trainer(method, data, train, optim, Path(run_dir or tmp), RandomStreams(spec.seed), torch.device("cpu"),
-                          samples=None, hooks=TrainerHooks(on_step=[on_step]))
+        trainer = Trainer(method, data, train, optim, Path(run_dir or tmp), RandomStreams(spec.seed),
+                          torch.device("cpu"), samples=None, hooks=TrainerHooks(on_step=[on_step]))
         trainer.fit()
     out: dict[str, Any] = {"spec": spec.__dict__, "history": history, "final": history[-1]}
     if ema is not None:

@@ -102,8 +102,8 @@ class GMMAdapter(CallableAdapter):
     other than the teacher's (an exact, parameter-free teacher has nothing to copy)."""
 
     def __init__(self, mixture: GaussianMixture, student_init: nn.Module | None = None) -> None:
-        super().__init__(RectifiedFlow(shift=1.0), (mixture.dim,), prompt_encoder=ClassPromptEncoder(mixture.num_classes),
-                         output_norm="norm_out")
+        super().__init__(RectifiedFlow(shift=1.0), (mixture.dim,),
+                         prompt_encoder=ClassPromptEncoder(mixture.num_classes), output_norm="norm_out")
         self.mixture = mixture
         self.student_init = student_init
 
