@@ -20,6 +20,11 @@ def _demo(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _gmm(args: argparse.Namespace) -> int:
+    from .gmm.bench import run
+    return run(args)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from .demo import add_arguments as demo_arguments
     demo = sub.add_parser("demo", help="distil the shipped toy teacher on CPU and report what the student gets right",
@@ -40,3 +45,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                                   "modelling on procedural images, no labels)")
     backbone_arguments(p)
     p.set_defaults(func=_train_backbone)
+    from .gmm.bench import add_arguments as gmm_arguments
+    p = toy_sub.add_parser("gmm", help="ground-truth benchmark: distil a Gaussian-mixture teacher, score against the "
+                                       "true mixture (docs/ground_truth.md)")
+    gmm_arguments(p)
+    p.set_defaults(func=_gmm)

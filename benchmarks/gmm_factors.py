@@ -1,0 +1,141 @@
+"""One-factor-at-a-time study of what limits students on the Gaussian-mixture ground truth (docs/ground_truth.md).
+
+Each variant is the baseline RunSpec with ONE change; results are appended to ``<out>/factors.jsonl``
+as they finish (a stopped sweep keeps what it measured) and ``<out>/factors.md`` is rewritten
+from everything in that file.
+
+    OMP_NUM_THREADS=1 python benchmarks/gmm_factors.py --variants senseflow-4,dmd2-4-ttur10 --seeds 0
+    python benchmarks/gmm_factors.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from senseflow.toy.gmm.bench import load_or_fit_teacher
+from senseflow.toy.gmm.mixture import GaussianMixture
+from senseflow.toy.gmm.run import EvalSet, RunSpec, distil
+from senseflow.toy.gmm.teacher import GMMAdapter
+
+#: name -> (method, steps, changes to RunSpec).  Baselines are the toy recipes without CFG, distilling the MLP
+#: teacher (RunSpec default; `senseflow toy gmm` defaults to the exact one, = the `*-exactteacher` variants).
+VARIANTS: dict[str, tuple[str, int, dict[str, Any]]] = {}
+
+
+def _v(name: str, method: str, steps: int, **changes: Any) -> None:
+    VARIANTS[name] = (method, steps, changes)
+
+
+for m in ("senseflow", "dmd2", "sid"):
+    for k in (1, 4):
+        _v(f"{m}-{k}", m, k)
+        _v(f"{m}-{k}-ema", m, k, ema_decay=0.99)
+        _v(f"{m}-{k}-ema0.999", m, k, ema_decay=0.999)
+        _v(f"{m}-{k}-lr3e-4", m, k, lr_g=3e-4, lr_fake=3e-4)
+        _v(f"{m}-{k}-lr1e-3", m, k, lr_g=1e-3, lr_fake=1e-3)
+        _v(f"{m}-{k}-fakelr3x", m, k, lr_fake=3e-4)
+        _v(f"{m}-{k}-b1024", m, k, batch_size=1024)
+        _v(f"{m}-{k}-it4000", m, k, iterations=4000)
+        _v(f"{m}-{k}-exactteacher", m, k, teacher="exact")
+        _v(f"{m}-{k}-real", m, k, real_data=True)
+for m in ("senseflow", "dmd2"):
+    for k in (1, 4):
+        _v(f"{m}-{k}-ttur1", m, k, method_overrides={"ttur": 1})
+        _v(f"{m}-{k}-ttur10", m, k, method_overrides={"ttur": 10})
+        _v(f"{m}-{k}-dmdtime-teacher", m, k, method_overrides={"dmd_time": {"kind": "teacher"}})
+        _v(f"{m}-{k}-dmdtime-high", m, k, method_overrides={"dmd_time": {"kind": "uniform", "low": 0.2, "high": 0.98}})
+        _v(f"{m}-{k}-backward0", m, k, real_data=True, method_overrides={"backward_probability": 0.0})
+        _v(f"{m}-{k}-cfg2", m, k, method_overrides={"real_guidance": {"cfg": 2.0}})
+_v("senseflow-4-noida", "senseflow", 4, method_overrides={"ida": False})
+_v("senseflow-4-noisg", "senseflow", 4, method_overrides={"isg_weight": 0.0})
+_v("senseflow-1-noida", "senseflow", 1, method_overrides={"ida": False})
+_v("dmd2-1-lr1e-3-it3000", "dmd2", 1, lr_g=1e-3, lr_fake=1e-3, iterations=3000)
+# pushed DMD2 (issue #13: 3x generator lr, TTUR 1), with and without IDA at several lambdas
+for lr, tag in ((3e-4, "push3"), (1e-3, "push10")):
+    _v(f"dmd2-4-{tag}", "dmd2", 4, lr_g=lr, method_overrides={"ttur": 1})
+    for lam in (0.9, 0.98, 0.995):
+        _v(f"sfida-4-{tag}-lam{lam}", "senseflow", 4, lr_g=lr,
+           method_overrides={"ttur": 1, "isg_weight": 0.0, "ida": True, "ida_lambda": lam})
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    keys = ("precision", "coverage", "mode_tv", "sw2", "recall", "class_acc", "log_density")
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    out = "| variant | seeds | " + " | ".join(keys) + " | s/run |\n|---|---:|" + "---:|" * (len(keys) + 1) + "\n"
+    for name, rs in by.items():
+        cells = []
+        for k in keys:
+            vals = [r["final"][k] for r in rs]
+            m = statistics.fmean(vals)
+            s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{m:.3f}" + (f" ± {s:.3f}" if s else ""))
+        secs = statistics.fmean(r["seconds"] for r in rs)
+        out += f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {secs:.0f} |\n"
+        if rs[0].get("final_ema"):
+            cells = [f"{statistics.fmean(r['final_ema'][k] for r in rs):.3f}" for k in keys]
+            out += f"| {name} (EMA) | {len(rs)} | " + " | ".join(cells) + " | |\n"
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="senseflow-4,dmd2-4", help="comma-separated variant names (see --list)")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--out", default="runs/gmm")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-samples", type=int, default=4000)
+    p.add_argument("--teacher-width", type=int, default=128, help="width of the MLP backbone (capacity factor)")
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args()
+    if args.list:
+        print("\n".join(VARIANTS))
+        return
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}; see --list")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mixture = GaussianMixture.random(16, 4, 5, seed=0)
+    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3, 2000)
+    ev = EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
+    if args.teacher_width != 128:  # the capacity factor: how good is the backbone itself?
+        from senseflow.teachers.base import Guidance
+        from senseflow.toy.gmm.run import teacher_samples
+        for n in (4, 128):
+            f = ev.score(mixture, teacher_samples(mixture, mlp, n, ev, Guidance()))
+            tqdm.write(f"MLP teacher width {args.teacher_width}, Euler {n}: prec {f['precision']:.3f} "
+                       f"cov {f['coverage']:.2f} tv {f['mode_tv']:.3f} sw2 {f['sw2']:.3f}")
+    log = out / "factors.jsonl"
+    for name, seed in tqdm([(n, s) for n in names for s in seeds], desc="gmm factors", dynamic_ncols=True):
+        method, steps, changes = VARIANTS[name]
+        spec = RunSpec(method=method, steps=steps, seed=seed, **{"iterations": args.iterations, **changes})
+        t0 = time.perf_counter()
+        res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every)
+        res.pop("generator")
+        if args.teacher_width != 128:
+            name = f"{name}-w{args.teacher_width}"
+        rec = {"variant": name, "seed": seed, "seconds": time.perf_counter() - t0, **res}
+        with open(log, "a") as fh:
+            fh.write(json.dumps(rec, default=str) + "\n")
+        f = res["final"]
+        tqdm.write(f"{name} s{seed}: prec {f['precision']:.3f} cov {f['coverage']:.2f} tv {f['mode_tv']:.3f} "
+                   f"sw2 {f['sw2']:.3f} ({rec['seconds']:.0f}s)")
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    (out / "factors.md").write_text(table(rows))
+    print(table([r for r in rows if r["variant"] in names]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Exact quality measures of class-conditional samples against the true mixture.
+
+Each number answers one question a picture would raise:
+
+* ``class_acc`` -- does the sample belong to the class it was asked for (Bayes classifier over all
+  components of all classes, class prior included)?
+* ``precision`` -- is it inside a true component's 99% ellipsoid (``Mahalanobis^2 <= chi2_D(0.99)``)
+  of its class?  Floor on true samples: 0.99 (a little more where ellipsoids overlap).
+* ``coverage`` -- share of the (class, mode) pairs that receive at least ``coverage_share`` of
+  their expected number of *precise* samples.
+* ``mode_tv`` -- total variation between the true mode weights and the generated ones (each sample
+  assigned to its most responsible mode within its class), averaged over classes.
+* ``recall`` -- k-NN recall (Kynkäänniemi et al. 2019): share of true samples inside some generated
+  sample's k-NN ball, per class.
+* ``sw2`` -- sliced Wasserstein-2 to fresh true samples of the same classes (fixed projections),
+  per class, averaged over classes.
+* ``log_density`` -- mean ``log p(x | class)`` (higher = samples sit nearer the mode centres).
+"""
+
+from __future__ import annotations
+
+import torch
+from scipy.stats import chi2
+from torch import Tensor
+
+from .mixture import GaussianMixture
+
+METRICS: tuple[str, ...] = ("class_acc", "precision", "coverage", "mode_tv", "recall", "sw2", "log_density")
+
+
+def sliced_w2(x: Tensor, y: Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 between two equal-size samples (random unit directions, sorted projections)."""
+    if x.shape != y.shape:
+        n = min(len(x), len(y))
+        x, y = x[:n], y[:n]
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(x.shape[1], projections, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    px, _ = torch.sort(x.to(torch.float64) @ dirs, dim=0)
+    py, _ = torch.sort(y.to(torch.float64) @ dirs, dim=0)
+    return float((px - py).pow(2).mean().sqrt())
+
+
+def knn_recall(real: Tensor, fake: Tensor, k: int = 5) -> float:
+    """Share of ``real`` points within the k-NN radius (among ``fake``) of some ``fake`` point."""
+    fake = fake.to(torch.float64)
+    real = real.to(torch.float64)
+    d_ff = torch.cdist(fake, fake)
+    radius = d_ff.kthvalue(min(k + 1, len(fake)), dim=1).values  # +1: the point itself
+    d_rf = torch.cdist(real, fake)
+    return float((d_rf <= radius[None]).any(dim=1).double().mean())
+
+
+def evaluate(mixture: GaussianMixture, samples: Tensor, labels: Tensor, reference: Tensor | None = None,
+             generator: torch.Generator | None = None, coverage_share: float = 0.25, k: int = 5,
+             projections: int = 256, recall_samples: int = 2000) -> dict[str, float]:
+    """All of :data:`METRICS` for ``samples [N, D]`` drawn for ``labels [N]``.
+
+    ``reference``: true samples for the same labels (drawn here from ``generator`` when absent),
+    used by SW2 and recall only.
+    """
+    x = samples.detach().to(torch.float64).cpu()
+    labels = labels.long().cpu()
+    n = len(x)
+    if reference is None:
+        reference = mixture.sample(labels, generator)
+    finite = torch.isfinite(x).all(dim=1)
+    x = torch.where(finite[:, None], x, torch.full_like(x, 1e6))  # non-finite samples count as misses
+    comp = mixture.component_log_probs(x)  # [N, C, M]
+    joint = comp + torch.log(mixture.class_prior)[None, :, None]
+    class_acc = float((joint.flatten(1).argmax(1) // mixture.modes_per_class == labels).double().mean())
+    own = comp[torch.arange(n), labels]  # [N, M]
+    maha = mixture.mahalanobis_sq(x)[torch.arange(n), labels]
+    inside = maha <= float(chi2.ppf(0.99, mixture.dim))
+    precise = inside.any(dim=1)
+    mode = own.argmax(dim=1)
+    covered, tvs, sw, rec = 0, [], [], []
+    for c in range(mixture.num_classes):
+        sel = labels == c
+        nc = int(sel.sum())
+        if nc == 0:
+            continue
+        counts = torch.bincount(mode[sel], minlength=mixture.modes_per_class).double()
+        tvs.append(float(0.5 * (counts / nc - mixture.weights[c]).abs().sum()))
+        precise_counts = torch.bincount(mode[sel & precise], minlength=mixture.modes_per_class).double()
+        covered += int((precise_counts >= coverage_share * nc * mixture.weights[c]).sum())
+        sw.append(sliced_w2(x[sel], reference[sel], projections, seed=c))
+        if nc > k:  # at most recall_samples per class: cdist is quadratic
+            rec.append(knn_recall(reference[sel][:recall_samples], x[sel][:recall_samples], k))
+    present = [c for c in range(mixture.num_classes) if bool((labels == c).any())]
+    logp = mixture.log_prob(x, labels)
+    return {
+        "class_acc": class_acc,
+        "precision": float(precise.double().mean()),
+        "coverage": covered / (len(present) * mixture.modes_per_class),
+        "mode_tv": sum(tvs) / len(tvs),
+        "recall": sum(rec) / len(rec) if rec else float("nan"),
+        "sw2": sum(sw) / len(sw),
+        "log_density": float(logp.clamp_min(-1e4).mean()),
+    }
