@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, RectifiedFlow
-from .base import Conditioning, ModelAdapter, SenseflowError
+from .base import Conditioning, FeatureTap, ModelAdapter, SenseflowError
 
 PromptEncoder = Callable[[Sequence[str]], Mapping[str, Tensor]]
 
@@ -31,7 +31,8 @@ class CallableAdapter(ModelAdapter):
     def __init__(self, schedule: NoiseSchedule, latent_shape: Sequence[int], *, time_scale: float = 1.0,
                  prompt_encoder: PromptEncoder | None = None, guidance_kwarg: str | None = None,
                  decode: Callable[[Tensor], Tensor] | None = None, encode: Callable[[Tensor], Tensor] | None = None,
-                 blocks: Sequence[str] = (), output_norm: str | None = None) -> None:
+                 blocks: Sequence[str] = (), output_norm: str | None = None,
+                 feature_tap: FeatureTap | None = None) -> None:
         self.schedule = schedule
         self._latent_shape = tuple(int(s) for s in latent_shape)
         self.time_scale = float(time_scale)
@@ -41,6 +42,7 @@ class CallableAdapter(ModelAdapter):
         self._decode, self._encode = decode, encode
         self._blocks = list(blocks)
         self._output_norm = output_norm
+        self._feature_tap = feature_tap
         self._uncond: Conditioning | None = None
 
     def predict(self, backbone: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning,
@@ -78,6 +80,12 @@ class CallableAdapter(ModelAdapter):
 
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         return self._output_norm
+
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """``feature_tap=`` as given (DMD2's GAN head); ``method.gan_head.feature_*`` can name one from YAML."""
+        if layer is not None and self._feature_tap is not None and layer != self._feature_tap.name:
+            return None
+        return self._feature_tap
 
 
 def load_factory(spec: str) -> Callable[..., tuple[ModelAdapter, nn.Module]]:

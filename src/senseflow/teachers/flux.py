@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..schedules import RectifiedFlow, as_time, flux_mu
 from . import loading
-from .base import Conditioning, SenseflowError
+from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
 from .common import DiffusersFolderAdapter
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
@@ -449,6 +449,17 @@ class FluxAdapter(DiffusersFolderAdapter):
 
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         return loading.find_module_name(backbone, "norm_out")
+
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """DMD2's GAN head reads the image stream of the middle double-stream block (or ``layer``).
+
+        Both FLUX block kinds return ``(text, image)``; the image tokens are the 2x2-packed latent grid."""
+        cfg = loading.config_of(backbone)
+        _, h, w = self.latent_shape()
+        double = [n for n in self.block_names(backbone) if ".single_transformer_blocks." not in f".{n}"]
+        blocks = double if layer is None else self.block_names(backbone)
+        return middle_block_tap(blocks, layer, int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+                                (h // 2, w // 2), index=1)
 
     def make_student(self, teacher_backbone: nn.Module) -> nn.Module:
         """The generator: a copy WITHOUT the guidance embedding (SenseFlow FLUX), unless ``student_guidance_embed``."""
