@@ -197,11 +197,21 @@ class GANHead(nn.Module):
         """One fake-score forward; the head classifies the tapped features of its (conditional) rows."""
         n = x_t.shape[0]
         with record_feature(fake_score.backbone, self.tap) as calls:
-            fake_score.native(x_t, t, cond, guidance)
+            out = fake_score.native(x_t, t, cond, guidance)
         if not calls:
             raise SenseflowError(f"GAN head: {self.tap.name!r} did not run in the fake score's forward")
+        logits = self(as_map(calls[0][:n], self.tap.size))
+        if torch.is_grad_enabled() and _fsdp_sharded(fake_score.backbone):
+            # FSDP2 re-gathers a module's parameters for backward from hooks on its forward OUTPUT; the
+            # head reads an inner block, so tie the output into the graph (zero gradient), or the root's
+            # parameters are still freed when backward reaches them
+            logits = logits + 0.0 * out.float().mean()
+        return logits
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Features ``[B, C, h, w]`` -> logits ``[B]`` (fp32); called through the module so FSDP's hooks run."""
         param = next(self.head.parameters())
-        return self.head(as_map(calls[0][:n], self.tap.size).to(param.dtype)).float()
+        return self.head(features.to(param.dtype)).float()
 
     def noisy_logits(self, fake_score: Denoiser, x0: Tensor, cond: Conditioning, time: "TimeSampler",
                      rng: "RandomStreams", guidance: Guidance | None = None) -> Tensor:
@@ -210,6 +220,14 @@ class GANHead(nn.Module):
         t = time.sample(x0.shape[0], schedule, rng.local, rng.device).to(x0.device)
         x_t = schedule.add_noise(x0, rng.randn_like(x0), t)
         return self.logits(fake_score, x_t, t, cond, guidance)
+
+
+def _fsdp_sharded(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def gan_head_of(fake_score: Denoiser | None) -> GANHead | None:
