@@ -131,3 +131,38 @@ def test_flux_sid_recipe_matches_the_released_loop():
     assert opts["true_cfg"] and opts["fake_guidance_embed"] and opts["student_guidance_embed"]
     assert opts["default_embedded_guidance"] == 1.0   # sid_dit_generate's default guidance_scale for G
     assert (m.weighting, m.rollout_noise) == ("one_minus_t", "fresh")
+
+
+def test_sid_on_flux_runs_teacher_and_fake_with_cfg_on_the_embedding(dev):
+    """The recipe's networks (full copies with the guidance embedding) and guidance, on the tiny FLUX."""
+    from senseflow.generator import FewStepGenerator
+    from senseflow.methods import DistillationModels, SiD
+    from senseflow.methods.base import Batch
+    from senseflow.schedules import anchors
+    from senseflow.teachers.base import Denoiser, freeze
+
+    adapter, transformer = FluxAdapter.from_pretrained(dev, resolution=RES, max_sequence_length=MSL, true_cfg=True,
+                                                       fake_guidance_embed=True, student_guidance_embed=True,
+                                                       default_embedded_guidance=1.0)
+    teacher = Denoiser(freeze(transformer), adapter)
+    gen = FewStepGenerator(Denoiser(adapter.make_student(transformer).requires_grad_(True), adapter),
+                           anchors(adapter.schedule, [1.0, 0.5]))
+    fake = Denoiser(adapter.make_fake_score(transformer).requires_grad_(True), adapter)
+    cfg = load_config("configs/flux/sid.yaml", check_paths=False).method
+    method = SiD(DistillationModels(teacher=teacher, generator=gen, fake_score=fake), cfg)
+    seen = {}
+
+    def spy(name):
+        def hook(_m, args, kwargs):
+            seen.setdefault(name, []).append((kwargs["hidden_states"].shape[0], kwargs["guidance"].tolist()))
+        return hook
+
+    handles = [net.register_forward_pre_hook(spy(name), with_kwargs=True)
+               for name, net in (("teacher", teacher.backbone), ("fake", fake.backbone), ("gen", gen.denoiser.backbone))]
+    batch = Batch(PROMPTS, adapter.encode_prompts(PROMPTS))
+    out = method.loss("generator", batch, RandomStreams(0))
+    for h in handles:
+        h.remove()
+    assert torch.isfinite(out.loss)
+    assert seen["teacher"] == [(4, [4.5] * 4)] and seen["fake"] == [(4, [4.5] * 4)]   # [cond; uncond], g = 4.5
+    assert all(n == 2 and g == [1.0, 1.0] for n, g in seen["gen"])                    # G: guidance 1, no CFG
