@@ -99,6 +99,16 @@ def test_head_is_the_released_sdxl_and_sd15_branch():
     assert sum(p.numel() for p in sdxl.parameters()) == 4 * (1280 * 1280 * 16 + 1280) + 4 * 2560 + 1281
 
 
+def test_narrow_heads_keep_informative_groups():
+    """A 1 x 1 GroupNorm with one channel per group outputs a constant: narrow heads use fewer groups."""
+    head = ClassifierHead(32, (8, 8), 32)
+    assert [m.num_groups for m in head.net if isinstance(m, nn.GroupNorm)] == [4, 4]     # 8 channels each
+    assert [m.num_groups for m in ClassifierHead(128, (8, 8), 128).net if isinstance(m, nn.GroupNorm)] == [16, 16]
+    x = torch.randn(2, 32, 8, 8, generator=torch.Generator().manual_seed(0))
+    logits = head(x)
+    assert abs(logits[0].item() - logits[1].item()) > 1e-4   # the logit depends on the input
+
+
 def test_tokens_are_laid_out_on_their_grid():
     tokens = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)   # [B, h*w, D], h=2, w=3
     grid = as_map(tokens, (2, 3))
@@ -232,6 +242,7 @@ def test_toy_world_switch_builds_a_head_on_the_middle_joint_block():
     models = build_models(cfg, torch.device("cpu"))
     head = models.fake_score.gan_head
     assert head.tap == FeatureTap("transformer_blocks.3", 128, (8, 8), 1)   # 6 blocks, width 128, 32 px / patch 4
+    assert [type(m).__name__ for m in head.head.net] == ["Conv2d", "GroupNorm", "SiLU"] * 2 + ["Conv2d"]   # 8->4->1
     method = DMD2(models, cfg.method)
     batch = Batch(["a red circle"] * 2, models.teacher.adapter.encode_prompts(["a red circle"] * 2),
                   latents=torch.zeros(2, 3, 32, 32))

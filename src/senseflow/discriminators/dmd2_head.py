@@ -37,7 +37,6 @@ the head or the fake score), and checkpoints / resumes it inside ``fake_score.sa
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -100,8 +99,19 @@ def gan_generator_loss(fake_logits: Tensor) -> Tensor:
     return F.softplus(-fake_logits).mean()
 
 
+#: GroupNorm groups of the released head (1280 channels: 40 per group)
+GROUPS = 32
+#: at least this many channels per group: the head's last GroupNorm sees a 1 x 1 map, where a group
+#: of one channel normalises to a constant and the logit would ignore its input
+MIN_GROUP_CHANNELS = 8
+
+
 def _groups(channels: int) -> int:
-    return math.gcd(32, channels)
+    """32 groups as released when they fit, else the most that keep >= 8 channels per group."""
+    for g in range(min(GROUPS, max(1, channels // MIN_GROUP_CHANNELS)), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
 
 
 class ClassifierHead(nn.Module):
