@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..configbase import StrictModel, TimeSamplerConfig
 from ..teachers.base import Conditioning, Denoiser, FeatureTap, Guidance, SenseflowError
+from .dit_pool import tie_unused_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..rng import RandomStreams
@@ -210,13 +211,7 @@ class GANHead(nn.Module):
             out = fake_score.native(x_t, t, cond, guidance)
         if not calls:
             raise SenseflowError(f"GAN head: {self.tap.name!r} did not run in the fake score's forward")
-        logits = self(as_map(calls[0][:n], self.tap.size))
-        if torch.is_grad_enabled() and _fsdp_sharded(fake_score.backbone):
-            # FSDP2 re-gathers a module's parameters for backward from hooks on its forward OUTPUT; the
-            # head reads an inner block, so tie the output into the graph (zero gradient), or the root's
-            # parameters are still freed when backward reaches them
-            logits = logits + 0.0 * out.float().mean()
-        return logits
+        return tie_unused_output(self(as_map(calls[0][:n], self.tap.size)), out, fake_score.backbone)
 
     def forward(self, features: Tensor) -> Tensor:
         """Features ``[B, C, h, w]`` -> logits ``[B]`` (fp32); called through the module so FSDP's hooks run."""
@@ -230,14 +225,6 @@ class GANHead(nn.Module):
         t = time.sample(x0.shape[0], schedule, rng.local, rng.device).to(x0.device)
         x_t = schedule.add_noise(x0, rng.randn_like(x0), t)
         return self.logits(fake_score, x_t, t, cond, guidance)
-
-
-def _fsdp_sharded(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(module, FSDPModule)
 
 
 def gan_head_of(fake_score: Denoiser | None) -> GANHead | None:

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from ..configbase import StrictModel, TimeSamplerConfig
 from ..generator import FewStepGenerator
-from ..discriminators.dit_pool import LOGIT_CLAMP, PooledFeatureDiscriminator, bce_generator, bce_real_fake
+from ..discriminators.dit_pool import (LOGIT_CLAMP, PooledFeatureDiscriminator, bce_generator, bce_real_fake,
+                                       tie_unused_output)
 from ..rng import RandomStreams
 from ..teachers.base import Conditioning, Guidance, SenseflowError
 from .base import Batch, DistillationModels, GuidanceSpec, LossOutput, Method, per_sample_mean, per_sample_sum
@@ -274,8 +275,8 @@ class SiD(Method):
         fake_logits = self.pooled.logits(calls, n)
         x_t_real = self.schedule.add_noise(real, eps, t)
         with self.pooled.capture() as calls_real:
-            fake_net.native(x_t_real, t, batch.cond, Guidance(embedded=guidance.embedded))
-        real_logits = self.pooled.logits(calls_real, n)
+            out_real = fake_net.native(x_t_real, t, batch.cond, Guidance(embedded=guidance.embedded))
+        real_logits = tie_unused_output(self.pooled.logits(calls_real, n), out_real, fake_net.backbone)  # FSDP2
         target = self.schedule.target(x_g, eps, t)
         loss, dropped = self.reduce(per_sample_sum((pred.float() - target.float()) ** 2), 1.0)
         per_d = bce_real_fake(real_logits, fake_logits, self.config.adversarial_logit_clamp) * x_g[0].numel()
