@@ -50,6 +50,7 @@ PUSHED = ("optim.generator.lr=3.0e-4", "method.ttur=1")
 VARIANTS: dict[str, Variant] = {
     "dmd2": Variant("dmd2", 4, "DMD2 (TTUR 5)"),
     "dmd2_ida": Variant("senseflow", 4, "DMD2 + IDA", ("method.isg_weight=0.0",)),
+    "dmd2_gan": Variant("dmd2", 4, "DMD2 + its GAN head (G 5e-3, D 1e-2)", ("method.gan_head.enabled=true",)),
     "senseflow": Variant("senseflow", 4, "DMD2 + IDA + ISG (SenseFlow)"),
     "senseflow_vfm": Variant("senseflow_vfm", 4, "SenseFlow + VFM discriminator"),
     "sid": Variant("sid", 4, "SiD (data-free)"),

@@ -151,6 +151,11 @@ def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool
                                  config.method.native_anchors(adapter.schedule, config.generator.anchors))
     fake = Denoiser(maybe_apply_lora(adapter.make_fake_score(backbone).requires_grad_(True).train(),
                                      config.fake_score.lora), adapter)
+    gan_head = getattr(config.method, "gan_head", None)
+    if gan_head is not None and gan_head.enabled:  # before parallelize: it is sharded with the fake score
+        from .discriminators.dmd2_head import attach_gan_head, check_gan_data
+        check_gan_data(config)
+        attach_gan_head(fake, gan_head, device)
     discriminator = None
     if config.discriminator is not None and getattr(config.method, "adversarial_weight", 0.0) > 0 \
             and config.method.name != "sid":

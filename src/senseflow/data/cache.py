@@ -623,6 +623,10 @@ class PromptCache:
         """The cached unconditional conditioning (batch 1)."""
         tensors, _ = self._load_file(str(self.index["uncond"]))
         cond = Conditioning({k[len(COND):]: v for k, v in tensors.items() if k.startswith(COND)})
+        if not cond.tensors:
+            raise SenseflowError(f"cache {str(self.path)!r} holds no unconditional embedding (built for a teacher "
+                                 f"without a CFG branch, e.g. FLUX without teacher.options.true_cfg): rebuild it with "
+                                 f"the settings of this run")
         if len(cond) != 1:
             raise SenseflowError(f"cache {str(self.path)!r}: the unconditional embedding has batch {len(cond)}, not 1")
         return cond

@@ -69,6 +69,23 @@ def record_outputs(module: nn.Module, name: str) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+def tie_unused_output(value: Tensor, output: Tensor, backbone: nn.Module) -> Tensor:
+    """``value`` plus ``0 * output`` when ``backbone`` is FSDP2-sharded and gradients are on.
+
+    FSDP2 re-gathers a module's parameters for backward from hooks on its forward OUTPUT; a loss
+    that only reads a hooked inner layer (a discriminator's features) never triggers them, so the
+    root's parameters are still freed when backward reaches them.  The zero-weight tie fixes that
+    at the cost of a backward through the rest of the network; single process: ``value`` as is.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return value
+    if not (torch.is_grad_enabled() and isinstance(backbone, FSDPModule)):
+        return value
+    return value + 0.0 * output.float().mean()
+
+
 def pool_conditional(calls: list[Tensor], batch_size: int) -> Tensor:
     """Pooled logits ``[B, D]`` of the conditional rows of the first recorded call."""
     if not calls:

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from ..configbase import StrictModel, TimeSamplerConfig
 from ..discriminators.base import AdversarialTerm
+from ..discriminators.dmd2_head import (GANHeadConfig, attach_gan_head, gan_classifier_loss, gan_generator_loss,
+                                        require_real_latents)
 from ..generator import GeneratorInput
 from ..released import PAPER, ReleasedForms
 from ..released import omega as released_omega
@@ -52,6 +54,8 @@ class DMD2Config(StrictModel):
     discriminator_time_weight: bool = Field(
         True, description="with adversarial_time_weight omega: weight both hinge terms of D's loss by the same omega(t) "
                           "(released trainers); false = unweighted D loss (paper eq. 12)")
+    gan_head: GANHeadConfig = Field(default_factory=GANHeadConfig,
+                                    description="DMD2's own GAN term (classifier head on the fake score)")
 
     #: the values ``reference: paper`` gives the keys it governs (subclasses add theirs)
     PAPER_FORMS: ClassVar[dict[str, Any]] = {
@@ -89,6 +93,9 @@ class DMD2(Method):
         self.config = config
         self.dmd_time = config.dmd_time.build()
         self.fake_time = config.fake_time.build()
+        #: DMD2's classifier head, a submodule of the fake score (its optimiser, its checkpoint file)
+        self.gan = attach_gan_head(models.fake_score, config.gan_head) if config.gan_head.enabled else None
+        self.gan_time = config.gan_head.time.build()
 
     # -- policy --------------------------------------------------------------------------------
     @property
@@ -203,6 +210,10 @@ class DMD2(Method):
             adv = self.adversarial_loss(gin, x, batch)
             total = total + self.config.adversarial_weight * adv
             logs["loss_adv_g"] = adv.detach()
+        if self.gan is not None:
+            gan = self.gan_generator_term(x, batch, rng)
+            total = total + self.config.gan_head.generator_weight * gan
+            logs["loss_gan_g"] = gan.detach()
         for name, (weight, value) in self.extra_generator_losses(gin, x, batch, rng).items():
             total = total + weight * value
             logs[f"loss_{name}"] = value.detach()
@@ -219,7 +230,28 @@ class DMD2(Method):
         pred = self.models.fake_score.native(x_t, t, batch.cond, self.fake_training_guidance(rng))
         target = schedule.target(x, eps, t)
         loss = self.fake_reduction(pred.float() - target.float())
-        return LossOutput(loss, {"loss_fake": loss.detach()})
+        logs = {"loss_fake": loss.detach()}
+        if self.gan is not None:
+            cls, gan_logs = self.gan_classifier_term(x, batch, rng)
+            loss = loss + self.config.gan_head.classifier_weight * cls
+            logs.update(gan_logs)
+        return LossOutput(loss, logs)
+
+    def gan_generator_term(self, x: Tensor, batch: Batch, rng: RandomStreams) -> Tensor:
+        """DMD2's ``softplus(-D(G(z)))`` on G's noised samples (through the frozen fake score and head)."""
+        logits = self.gan.noisy_logits(self.models.fake_score, x, batch.cond, self.gan_time, rng,
+                                       self.fake_training_guidance(rng))
+        return gan_generator_loss(logits)
+
+    def gan_classifier_term(self, x: Tensor, batch: Batch, rng: RandomStreams) -> tuple[Tensor, dict[str, Tensor]]:
+        """DMD2's classifier loss on real latents vs the detached G samples ``x``, each freshly noised."""
+        real = require_real_latents(batch.latents, x)
+        fake_net, guidance = self.models.fake_score, self.fake_training_guidance(rng)
+        real_logits = self.gan.noisy_logits(fake_net, real, batch.cond, self.gan_time, rng, guidance)
+        fake_logits = self.gan.noisy_logits(fake_net, x.detach(), batch.cond, self.gan_time, rng, guidance)
+        loss = gan_classifier_loss(real_logits, fake_logits)
+        return loss, {"loss_gan_d": loss.detach(), "gan_real": torch.sigmoid(real_logits).mean().detach(),
+                      "gan_fake": torch.sigmoid(fake_logits).mean().detach()}
 
     def fake_training_guidance(self, rng: RandomStreams):
         return None

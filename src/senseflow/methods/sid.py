@@ -38,20 +38,27 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..configbase import StrictModel, TimeSamplerConfig
-from ..discriminators.dit_pool import LOGIT_CLAMP, PooledFeatureDiscriminator, bce_generator, bce_real_fake
+from ..generator import FewStepGenerator
+from ..discriminators.dit_pool import (LOGIT_CLAMP, PooledFeatureDiscriminator, bce_generator, bce_real_fake,
+                                       tie_unused_output)
 from ..rng import RandomStreams
 from ..schedules import NoiseSchedule, anchors
 from ..teachers.base import Conditioning, Guidance, SenseflowError
 from .base import Batch, DistillationModels, GuidanceSpec, LossOutput, Method, per_sample_mean, per_sample_sum
 
-Weighting = Literal["one_minus_t", "legacy", "inv_t", "one_minus_t_sq", "snr_sqrt", "snr"]
+Weighting = Literal["one_minus_t", "legacy", "inv_t", "one_minus_t_sq", "snr_sqrt", "snr", "1_over_sigma2"]
+RolloutNoise = Literal["fresh", "fixed", "ddim"]
+
+#: the released ``1_over_sigma2`` weighting floors ``sigma^2`` at this value (``clip(min=0.00001)``)
+SIGMA2_FLOOR = 1e-5
 
 
 class SiDConfig(StrictModel):
     name: Literal["sid"] = "sid"
     alpha: float = 1.0
     weighting: Weighting = Field(
-        "one_minus_t", description="w_t: 1-t (paper default), legacy 1/mean|x_g-f_r|, or Fig. 2's SNR-based options")
+        "one_minus_t", description="w_t: 1-t (paper default), legacy 1/mean|x_g-f_r|, Fig. 2's SNR-based options, "
+                                   "or 1_over_sigma2 = 1/max(sigma^2, 1e-5) (released weighting_scheme option)")
     lambda_sid: float = Field(100.0, gt=0.0)
     teacher_guidance: GuidanceSpec = GuidanceSpec(cfg=4.5)  # kappa4
     fake_guidance: GuidanceSpec = GuidanceSpec(cfg=4.5)  # kappa2
@@ -60,6 +67,10 @@ class SiDConfig(StrictModel):
     score_gradients: Literal["through", "detached"] = Field(
         "through", description="'detached' stops gradients through f_r/f_f (diagnostic; SiD proper is 'through')")
     drop_nonfinite: bool = True
+    rollout_noise: RolloutNoise = Field(
+        "fresh", description="noise that re-noises G's prediction between rollout steps (released noise_type): "
+                             "fresh = new noise each step, fixed = the initial noise again, ddim = the noise implied "
+                             "by the previous input and prediction (a deterministic DDIM step)")
     # -- SiD2a (data-aided adversarial variant; needs real latents) ------------------------------
     adversarial: bool = Field(False, description="SiD2a: fake network's pooled final-norm features as a discriminator")
     adversarial_weight: float = Field(
@@ -81,6 +92,37 @@ class SiDConfig(StrictModel):
     def native_anchors(self, schedule: NoiseSchedule, units: Sequence[float]) -> Tensor:
         """The generator's native anchor times for unit anchors (``use_sd3_shift``)."""
         return anchors(schedule, units) if self.use_sd3_shift else schedule.unshifted(list(units))
+
+
+def inverse_sigma2_weight(sigma: Tensor) -> Tensor:
+    """The released ``1_over_sigma2`` weighting: ``1 / max(sigma^2, 1e-5)`` (emphasises low noise)."""
+    return 1.0 / sigma.pow(2).clamp_min(SIGMA2_FLOOR)
+
+
+@torch.no_grad()
+def rollout_state(gen: FewStepGenerator, noise: Tensor, cond: Conditioning, k: int, kind: RolloutNoise) -> Tensor:
+    """G's state at anchor ``k`` after ``k`` no-grad steps from ``noise``, re-noised as the released ``noise_type``.
+
+    Step ``i`` predicts ``x0_i = G(x_i, t_i)``, then ``x_{i+1} = alpha(t_{i+1}) x0_i + sigma(t_{i+1}) n_i`` with
+    ``n_i`` = the initial noise (``fixed``) or ``(x_i - alpha(t_i) x0_i) / sigma(t_i)``, the noise the current
+    input and prediction imply (``ddim``: this is the deterministic DDIM / Euler step).  ``fresh`` (new noise
+    each step) is :meth:`FewStepGenerator.simulate`.
+    """
+    if not 0 <= k < gen.num_steps:
+        raise ValueError(f"k must be in 0..{gen.num_steps - 1}, got {k}")
+    schedule = gen.schedule
+    x = noise
+    for i in range(k):
+        n = x.shape[0]
+        t, t_next = gen.time(i, n, x.device), gen.time(i + 1, n, x.device)
+        x0 = gen(x, t, cond)
+        if kind == "ddim":
+            x = schedule.step(x, x0, t, t_next)
+        elif kind == "fixed":
+            x = schedule.add_noise(x0, noise, t_next)
+        else:
+            raise ValueError(f"unknown rollout noise {kind!r}")
+    return x
 
 
 class SiD(Method):
@@ -139,7 +181,10 @@ class SiD(Method):
         gen = self.models.generator
         k = rng.shared_randint(1, gen.num_steps + 1)
         noise = rng.randn((len(batch), *self.latent_shape))
-        x = gen.simulate(noise, batch.cond, k - 1, rng)
+        if self.config.rollout_noise == "fresh":
+            x = gen.simulate(noise, batch.cond, k - 1, rng)
+        else:
+            x = rollout_state(gen, noise, batch.cond, k - 1, self.config.rollout_noise)
         t = gen.time(k - 1, len(batch), x.device)
         with torch.set_grad_enabled(grad):
             return gen(x, t, batch.cond), t
@@ -149,6 +194,8 @@ class SiD(Method):
         w = self.config.weighting
         if w == "legacy":
             return 1.0 / per_sample_mean((x_g - f_r).abs()).detach().clamp_min(self.config.legacy_weight_floor)
+        if w == "1_over_sigma2":
+            return inverse_sigma2_weight(self.schedule.sigma(t)).to(device=x_g.device, dtype=torch.float32)
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         tt = (s / (a + s)).clamp(1e-6, 1.0 - 1e-6)
         out = {"one_minus_t": 1.0 - tt, "inv_t": 1.0 / tt, "one_minus_t_sq": (1.0 - tt) ** 2,
@@ -239,8 +286,8 @@ class SiD(Method):
         fake_logits = self.pooled.logits(calls, n)
         x_t_real = self.schedule.add_noise(real, eps, t)
         with self.pooled.capture() as calls_real:
-            fake_net.native(x_t_real, t, batch.cond, Guidance(embedded=guidance.embedded))
-        real_logits = self.pooled.logits(calls_real, n)
+            out_real = fake_net.native(x_t_real, t, batch.cond, Guidance(embedded=guidance.embedded))
+        real_logits = tie_unused_output(self.pooled.logits(calls_real, n), out_real, fake_net.backbone)  # FSDP2
         target = self.schedule.target(x_g, eps, t)
         loss, dropped = self.reduce(per_sample_sum((pred.float() - target.float()) ** 2), 1.0)
         per_d = bce_real_fake(real_logits, fake_logits, self.config.adversarial_logit_clamp) * x_g[0].numel()

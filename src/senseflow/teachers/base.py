@@ -94,6 +94,34 @@ class Guidance:
 NO_GUIDANCE = Guidance()
 
 
+@dataclass(frozen=True)
+class FeatureTap:
+    """Where to read a backbone's hidden features (DMD2's GAN classifier head reads them).
+
+    ``name``: qualified submodule name; ``index``: which element of a tuple output is the image
+    stream (SD3 / FLUX joint blocks return ``(text, image)``: 1); ``channels``: feature width;
+    ``size``: ``(h, w)`` of the feature map, or of the token grid for ``[B, h*w, D]`` token
+    outputs (row-major, as the DiT patch embeddings lay them out).
+    """
+
+    name: str
+    channels: int
+    size: tuple[int, int]
+    index: int = 0
+
+
+def middle_block_tap(blocks: Sequence[str], layer: str | None, channels: int, size: tuple[int, int],
+                     index: int) -> "FeatureTap":
+    """A DiT tap: ``layer`` (one of ``blocks``) or, by default, the middle transformer block."""
+    if not blocks:
+        raise SenseflowError("the backbone names no transformer blocks to read features from")
+    name = blocks[len(blocks) // 2] if layer is None else layer
+    if name not in blocks:
+        raise SenseflowError(f"method.gan_head.layer: {name!r} is not a transformer block of this teacher "
+                             f"(e.g. {blocks[0]!r} .. {blocks[-1]!r})")
+    return FeatureTap(name, int(channels), (int(size[0]), int(size[1])), index)
+
+
 class ModelAdapter(ABC):
     """How to call one model family's backbone (see module docstring)."""
 
@@ -157,6 +185,11 @@ class ModelAdapter(ABC):
 
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         """Qualified name of the final norm before the output projection (SiD2a's pooled features)."""
+        return None
+
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """The bottleneck features DMD2's GAN classifier head reads (UNet mid-block; DiTs: the middle
+        block or ``layer``); ``None`` if the family names none (give ``method.gan_head.feature_*``)."""
         return None
 
     def make_student(self, teacher_backbone: nn.Module) -> nn.Module:

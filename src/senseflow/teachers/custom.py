@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, RectifiedFlow
-from .base import Conditioning, ModelAdapter, SenseflowError
+from .base import Conditioning, FeatureTap, ModelAdapter, SenseflowError
 
 PromptEncoder = Callable[[Sequence[str]], Mapping[str, Tensor]]
 
@@ -32,7 +32,8 @@ class CallableAdapter(ModelAdapter):
     def __init__(self, schedule: NoiseSchedule, latent_shape: Sequence[int], *, time_scale: float = 1.0,
                  prompt_encoder: PromptEncoder | None = None, guidance_kwarg: str | None = None,
                  decode: Callable[[Tensor], Tensor] | None = None, encode: Callable[[Tensor], Tensor] | None = None,
-                 blocks: Sequence[str] = (), output_norm: str | None = None, images: bool | None = None) -> None:
+                 blocks: Sequence[str] = (), output_norm: str | None = None, images: bool | None = None,
+                 feature_tap: FeatureTap | None = None) -> None:
         """``images``: whether ``decode`` returns pictures (sample grids, PNG output).  ``None``
         decides from the shapes: with a ``decode`` function, yes (its contract is images); without
         one, the latent itself must look like a picture, ``(1|3, H, W)`` with ``H, W > 1`` -- so a
@@ -46,6 +47,7 @@ class CallableAdapter(ModelAdapter):
         self._decode, self._encode = decode, encode
         self._blocks = list(blocks)
         self._output_norm = output_norm
+        self._feature_tap = feature_tap
         self._uncond: Conditioning | None = None
         self._images = images
 
@@ -92,6 +94,12 @@ class CallableAdapter(ModelAdapter):
 
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         return self._output_norm
+
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """``feature_tap=`` as given (DMD2's GAN head); ``method.gan_head.feature_*`` can name one from YAML."""
+        if layer is not None and self._feature_tap is not None and layer != self._feature_tap.name:
+            return None
+        return self._feature_tap
 
 
 def load_factory(spec: str) -> Callable[..., tuple[ModelAdapter, nn.Module]]:

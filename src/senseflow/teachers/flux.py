@@ -34,6 +34,13 @@ copy equals the teacher whose guidance embedding outputs zero.)  ``student_guida
 is called without a guidance value gets ``default_embedded_guidance`` (3.5, ``FluxPipeline``'s
 default ``guidance_scale``; ``None`` makes a missing value an error); a backbone WITHOUT one must
 not be given a value (one-line error).
+
+True CFG on top of the guidance embedding (``true_cfg=True``, the released SiD-DiT FLUX loop,
+``training/sid_dit_flux_util.py::sid_dit_denoise``): the unconditional branch is the encoded empty
+prompt (T5 padded to ``max_sequence_length`` + CLIP pooled output, as the loop's
+``encode_prompt([""] * batch)``), both branches get the SAME embedded guidance value, and the
+prediction is ``v_u + s (v_c - v_u)``.  Off by default: FLUX.1-dev is guidance-distilled and the
+stock ``FluxPipeline`` has no unconditional branch; without it ``cfg`` guidance is refused.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from torch import Tensor, nn
 from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time, flux_mu
 from . import loading
-from .base import Conditioning, SenseflowError
+from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
 from .common import DiffusersFolderAdapter
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
@@ -233,6 +240,7 @@ class FluxAdapter(DiffusersFolderAdapter):
                  max_sequence_length: int = MAX_T5_TOKENS, clip_max_length: int | None = None,
                  student_guidance_embed: bool = False, fake_guidance_embed: bool = False,
                  default_embedded_guidance: float | None = DEFAULT_EMBEDDED_GUIDANCE,
+                 true_cfg: bool = False,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  source: str | None = None) -> None:
         self.config = loading.config_of(transformer_config)
@@ -265,6 +273,10 @@ class FluxAdapter(DiffusersFolderAdapter):
         self.student_guidance_embed = bool(student_guidance_embed)
         self.fake_guidance_embed = bool(fake_guidance_embed)
         self.default_embedded_guidance = None if default_embedded_guidance is None else float(default_embedded_guidance)
+        self.true_cfg = bool(true_cfg)
+        if self.true_cfg:  # an unconditional branch exists: cfg and embedded guidance may be combined
+            self.guidance_kinds = frozenset({"embedded", "cfg"})
+        self._uncond: Conditioning | None = None
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -279,7 +291,7 @@ class FluxAdapter(DiffusersFolderAdapter):
         ``mu`` / ``shift`` override the scheduler (default: dynamic ``mu`` from the scheduler config at
         this resolution).  ``load_text_encoders=False`` skips CLIP and T5 (prompts then come from a
         prompt cache).  ``options``: ``student_guidance_embed``, ``fake_guidance_embed``,
-        ``default_embedded_guidance`` (see the module docstring).
+        ``default_embedded_guidance``, ``true_cfg`` (see the module docstring).
         """
         from diffusers import AutoencoderKL, FluxTransformer2DModel
 
@@ -409,11 +421,23 @@ class FluxAdapter(DiffusersFolderAdapter):
                              "pooled_prompt_embeds": pooled.to(device=self.device, dtype=self.dtype)})
 
     def unconditional(self, batch_size: int) -> Conditioning:
-        raise SenseflowError("FLUX.1 is guidance-distilled and has no unconditional branch: guide the teacher with "
-                             "embedded guidance (guidance 'embedded': e.g. [1, 8]), not cfg")
+        """The encoded empty prompt (``true_cfg`` only; cached after the first call), expanded to ``batch_size``."""
+        if not self.true_cfg:
+            raise SenseflowError("FLUX.1 is guidance-distilled and has no unconditional branch: guide the teacher with "
+                                 "embedded guidance (guidance 'embedded': e.g. [1, 8]), not cfg, or set "
+                                 "teacher.options.true_cfg: true (SiD-DiT's CFG on top of the guidance embedding)")
+        if self._uncond is None:
+            if not self.has_text_encoders:
+                raise SenseflowError("FLUX true CFG needs the empty-prompt embedding but the text encoders are not "
+                                     "loaded and none was cached: rebuild the prompt cache with "
+                                     "teacher.options.true_cfg: true (`senseflow cache`), or load the text encoders")
+            self._uncond = self.encode_prompts([""])
+        return self._uncond.expand(batch_size)
 
     def release_text_encoders(self) -> None:
-        """Drop the text encoders (after caching prompts) to free memory."""
+        """Drop the text encoders (after caching prompts) to free memory; with ``true_cfg`` the empty prompt stays."""
+        if self.true_cfg and self.has_text_encoders and self._uncond is None:
+            self._uncond = self.encode_prompts([""])
         self.clip_encoder = self.t5_encoder = None
 
     # -- latents -------------------------------------------------------------------------------
@@ -453,6 +477,17 @@ class FluxAdapter(DiffusersFolderAdapter):
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         return loading.find_module_name(backbone, "norm_out")
 
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """DMD2's GAN head reads the image stream of the middle double-stream block (or ``layer``).
+
+        Both FLUX block kinds return ``(text, image)``; the image tokens are the 2x2-packed latent grid."""
+        cfg = loading.config_of(backbone)
+        _, h, w = self.latent_shape()
+        double = [n for n in self.block_names(backbone) if ".single_transformer_blocks." not in f".{n}"]
+        blocks = double if layer is None else self.block_names(backbone)
+        return middle_block_tap(blocks, layer, int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+                                (h // 2, w // 2), index=1)
+
     def make_student(self, teacher_backbone: nn.Module) -> nn.Module:
         """The generator: a copy WITHOUT the guidance embedding (SenseFlow FLUX), unless ``student_guidance_embed``."""
         if self.student_guidance_embed:
@@ -473,4 +508,5 @@ class FluxAdapter(DiffusersFolderAdapter):
         return (f"FluxAdapter(source={self.source!r}, resolution={self.resolution}, schedule={self.schedule}, "
                 f"text_encoders={'yes' if self.has_text_encoders else 'no'}, "
                 f"max_sequence_length={self.max_sequence_length}, "
-                f"student_guidance_embed={self.student_guidance_embed}, fake_guidance_embed={self.fake_guidance_embed})")
+                f"student_guidance_embed={self.student_guidance_embed}, fake_guidance_embed={self.fake_guidance_embed}, "
+                f"true_cfg={self.true_cfg})")

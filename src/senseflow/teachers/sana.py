@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, RectifiedFlow, TrigFlow, as_time, expand_like, trigflow_to_flow
 from . import loading
-from .base import Conditioning, SenseflowError
+from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
 from .common import DiffusersFolderAdapter
 
 TRANSFORMER_CLASS = "SanaTransformer2DModel"
@@ -403,6 +403,15 @@ class SanaAdapter(DiffusersFolderAdapter):
 
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         return loading.find_module_name(backbone, "norm_out")
+
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """DMD2's GAN head reads the image tokens of the middle transformer block (or ``layer``)."""
+        cfg = loading.config_of(backbone)
+        _, h, w = self.latent_shape()
+        patch = int(cfg.get("patch_size", 1))
+        return middle_block_tap(self.block_names(backbone), layer,
+                                int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+                                (h // patch, w // patch), index=0)
 
     # -- devices -------------------------------------------------------------------------------
     def text_encoders(self) -> list:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time
 from . import loading
-from .base import Conditioning, SenseflowError
+from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
 from .common import DiffusersFolderAdapter
 
 TRANSFORMER_CLASS = "SD3Transformer2DModel"
@@ -407,6 +407,15 @@ class SD3Adapter(DiffusersFolderAdapter):
 
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         return loading.find_module_name(backbone, "norm_out")
+
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """DMD2's GAN head reads the image tokens of the middle transformer block (or ``layer``)."""
+        cfg = loading.config_of(backbone)
+        _, h, w = self.latent_shape()
+        patch = int(cfg.get("patch_size", 2))
+        return middle_block_tap(self.block_names(backbone), layer,
+                                int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+                                (h // patch, w // patch), index=1)
 
     # -- devices -------------------------------------------------------------------------------
     def text_encoders(self) -> list:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..released import ReleasedForms
 from ..schedules import DDPM, as_time
 from . import loading
-from .base import Conditioning, SenseflowError
+from .base import Conditioning, FeatureTap, SenseflowError
 from .common import DiffusersFolderAdapter
 
 UNET_CLASS = "UNet2DConditionModel"
@@ -396,6 +396,19 @@ class SDXLAdapter(DiffusersFolderAdapter):
 
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         return loading.find_module_name(backbone, "conv_norm_out")
+
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """The UNet mid-block output (DMD2 ``classify_forward``'s bottleneck): ``[B, C_last, H/2^(n-1), W/2^(n-1)]``."""
+        mid = loading.find_module_name(backbone, "mid_block")
+        if mid is None or backbone.get_submodule(mid) is None:
+            raise SenseflowError(f"{type(backbone).__name__} has no mid_block for DMD2's GAN head")
+        if layer is not None and layer != mid:
+            raise SenseflowError(f"method.gan_head.layer: the SDXL adapter reads {mid!r} only; give "
+                                 f"method.gan_head.feature_channels / feature_size to tap {layer!r}")
+        widths = [int(c) for c in loading.config_of(backbone)["block_out_channels"]]
+        _, h, w = self.latent_shape()
+        down = 2 ** (len(widths) - 1)
+        return FeatureTap(mid, widths[-1], (h // down, w // down), 0)
 
     # -- devices -------------------------------------------------------------------------------
     def text_encoders(self) -> list:

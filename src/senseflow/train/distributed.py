@@ -247,6 +247,9 @@ def parallelize(models, config: ParallelConfig, precision: str, ctx: DistContext
     if models.discriminator is not None:
         from torch.distributed.fsdp import fully_shard
         fully_shard(models.discriminator, mesh=make_mesh("ddp", ctx))
+    gan_head = getattr(models.fake_score, "gan_head", None)  # DMD2's classifier head: in the fake score's
+    if gan_head is not None:  # optimiser, so the same mesh and policies (one grad-norm clip over both)
+        shard_backbone(gan_head, [], mesh, mp, config.reshard_after_forward, config.cpu_offload)
     return strategy
 
 
