@@ -68,6 +68,7 @@ from ..teachers.base import Denoiser, SenseflowError, freeze
 from ..train.distributed import DistContext, ParallelConfig, init_distributed, parallelize
 from ..train.trainer import Trainer
 from .memory import SavedTensorCounter, dtypes
+from .passes import count_passes, format_passes
 from .presets import Preset, _cast, get_preset, method_config
 
 #: dense (no sparsity) peak TFLOP/s per GPU, from NVIDIA's data sheets
@@ -108,6 +109,7 @@ class BenchSettings:
     peak_tflops: float | None = None
     measure_saved: bool = False            # also measure saved-for-backward bytes per phase (estimate check)
     allow_cpu: bool = False                # run a real-shape preset on a CPU anyway
+    count_passes: bool = True              # replay the timed iterations counting network passes
     seed: int = 0
 
 
@@ -511,6 +513,12 @@ def _run(settings: BenchSettings, trainer: Trainer, batch: Batch, preset: Preset
             replay()
         flops = counter.get_total_flops() / settings.iterations
 
+    passes = None
+    if settings.count_passes:  # a replay of its own, with hooks on every network
+        trainer.step = start_step
+        trainer.rng.load_state_dict(copy.deepcopy(start_rng))
+        passes = count_passes(trainer, batch, settings.iterations)
+
     saved = measure_saved_bytes(trainer, batch) if settings.measure_saved else None
 
     # -- results -----------------------------------------------------------------------------------
@@ -556,6 +564,8 @@ def _run(settings: BenchSettings, trainer: Trainer, batch: Batch, preset: Preset
         "peak_allocated_bytes": peak_cuda if cuda else peak_allocated,
         "resident_bytes": resident,
     }
+    if passes is not None:
+        result["passes"] = passes
     if saved is not None:
         result["saved_bytes"] = saved
     return result
@@ -608,6 +618,8 @@ def format_result(r: dict[str, Any]) -> str:
                      f"{r['achieved_tflops'] * 1e3:.2f} GFLOP/s achieved; peak {peak} TFLOP/s "
                      f"({r['peak_tflops_source']}); MFU {mfu}")
     lines.append(f"  peak memory        {mb(r['peak_memory_bytes'])}  [{r['memory_method']}]")
+    if r.get("passes"):
+        lines.append(format_passes(r["method"], r["passes"]))
     if r["device"] == "cpu":
         lines.append(f"  peak allocated     {mb(r['peak_allocated_bytes'])}  [CPU allocator: resident tensors + "
                      f"profiler memory events, replayed iterations]")

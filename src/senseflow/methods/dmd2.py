@@ -37,6 +37,10 @@ class DMD2Config(StrictModel):
         description="probability of backward simulation when the data has real latents (data-free: always)")
     adversarial_weight: float = Field(0.0, ge=0.0, description="lambda_G of the adversarial term (0 = off)")
     adversarial_time_weight: Literal["none", "omega"] = "none"
+    fake_sample: Literal["generator", "fresh"] = Field(
+        "generator", description="sample the fake score (and D) train on: 'generator' = the detached sample of this "
+        "iteration's G step when there is one (released DMD2, guidance_data_dict; no extra G pass), else one fresh "
+        "sample shared by fake score and D; 'fresh' = a new G sample for each of them")
 
 
 class DMD2(Method):
@@ -53,6 +57,9 @@ class DMD2(Method):
         self.config = config
         self.dmd_time = config.dmd_time.build()
         self.fake_time = config.fake_time.build()
+        # detached G samples of the current iteration, one per micro-batch (fake_sample: generator)
+        self._samples: list[Tensor] = []
+        self._cursor: dict[str, int] = {}
 
     # -- policy --------------------------------------------------------------------------------
     @property
@@ -67,6 +74,7 @@ class DMD2(Method):
         return nets
 
     def phases(self, iteration: int) -> list[str]:
+        self._samples, self._cursor = [], {}  # a new iteration: nothing to reuse yet
         phases = ["generator"] if iteration % self.config.ttur == 0 else []
         phases.append("fake_score")
         if self.adversarial is not None:
@@ -79,8 +87,7 @@ class DMD2(Method):
         if phase == "fake_score":
             return self.fake_score_loss(batch, rng)
         if phase == "discriminator" and self.adversarial is not None:
-            with torch.no_grad():
-                x = self.sample_generator(batch, rng)
+            x = self.iteration_sample(phase, batch, rng)
             return self.adversarial.discriminator_loss(x, batch)
         raise ValueError(f"{self.name} has no phase {phase!r}")
 
@@ -95,6 +102,21 @@ class DMD2(Method):
         gin = self.generator_input(batch, rng)
         with torch.no_grad():
             return self.models.generator(gin.x_t, gin.t, batch.cond)
+
+    def iteration_sample(self, phase: str, batch: Batch, rng: RandomStreams) -> Tensor:
+        """The detached G sample ``phase`` trains on (see ``fake_sample``).
+
+        With ``generator`` the i-th micro-batch of every phase of an iteration gets the same
+        sample: the one G's own step produced (stored by :meth:`generator_loss`), or, on an
+        iteration without a G step, one drawn by the first phase that needs it.
+        """
+        if self.config.fake_sample == "fresh":
+            return self.sample_generator(batch, rng)
+        i = self._cursor.get(phase, 0)
+        self._cursor[phase] = i + 1
+        if i == len(self._samples):
+            self._samples.append(self.sample_generator(batch, rng))
+        return self._samples[i]
 
     def dmd_loss(self, x: Tensor, cond: Conditioning, rng: RandomStreams) -> tuple[Tensor, dict[str, Tensor]]:
         """The distribution-matching loss for G samples ``x`` (gradient flows into ``x`` only)."""
@@ -128,6 +150,8 @@ class DMD2(Method):
     def generator_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
         gin = self.generator_input(batch, rng)
         x = self.models.generator(gin.x_t, gin.t, batch.cond)
+        if self.config.fake_sample == "generator":
+            self._samples.append(x.detach())
         loss, logs = self.dmd_loss(x, batch.cond, rng)
         logs = {"loss_dmd": loss.detach(), **logs}
         total = loss
@@ -143,7 +167,7 @@ class DMD2(Method):
 
     def fake_score_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
         """The teacher's own training loss on detached G samples (velocity / eps MSE)."""
-        x = self.sample_generator(batch, rng).float()
+        x = self.iteration_sample("fake_score", batch, rng).float()
         schedule = self.schedule
         t = self.fake_time.sample(x.shape[0], schedule, rng.local, rng.device).to(x.device)
         eps = rng.randn_like(x)
