@@ -156,6 +156,9 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True
     tensorboard: bool = True
+    compile: bool | Literal["blocks"] = Field(
+        False, description="torch.compile each transformer block of the teacher, generator and fake score "
+                           "(regional compilation: true = 'blocks'); same maths, see docs/performance.md")
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainConfig":

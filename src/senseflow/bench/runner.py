@@ -65,6 +65,7 @@ from ..methods import Batch, DistillationModels, build_method
 from ..rng import RandomStreams
 from ..schedules import anchors as unit_to_native
 from ..teachers.base import Denoiser, SenseflowError, freeze
+from ..train.compiled import compile_models
 from ..train.distributed import DistContext, ParallelConfig, init_distributed, parallelize
 from ..train.trainer import Trainer
 from .memory import SavedTensorCounter, dtypes
@@ -110,6 +111,7 @@ class BenchSettings:
     measure_saved: bool = False            # also measure saved-for-backward bytes per phase (estimate check)
     allow_cpu: bool = False                # run a real-shape preset on a CPU anyway
     count_passes: bool = True              # replay the timed iterations counting network passes
+    compile: bool = False                  # train.compile: torch.compile each transformer block
     seed: int = 0
 
 
@@ -418,6 +420,7 @@ def setup(settings: BenchSettings, ctx: DistContext | None = None) -> tuple[Trai
     models = build_models(preset, resolution, settings.precision, device, settings.anchors, settings.seed)
     parallelize(models, ParallelConfig(activation_checkpointing=settings.activation_checkpointing),
                 settings.precision, ctx)
+    compile_models(models, settings.compile)
     cfg = method_config(settings.method, preset.family, settings.method_overrides)
     method = build_method(models, cfg, images_per_iteration=settings.batch_size * ctx.world_size)
     teacher_dtype = dtypes(settings.precision)[0]
@@ -550,7 +553,7 @@ def _run(settings: BenchSettings, trainer: Trainer, batch: Batch, preset: Preset
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "world_size": world, "resolution": int(settings.resolution or preset.default_resolution),
         "batch_size": settings.batch_size, "activation_checkpointing": settings.activation_checkpointing,
-        "warmup": settings.warmup, "iterations": n,
+        "compile": settings.compile, "warmup": settings.warmup, "iterations": n,
         "params": {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()},
         "phases_per_iteration": statistics.fmean(phases_seen),
         "step_time_s": step, "step_time_min_s": min(step_times), "step_time_max_s": max(step_times),
