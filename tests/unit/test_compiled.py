@@ -18,6 +18,7 @@ from senseflow.bench.presets import get_preset
 from senseflow.config import OptimizerConfig, TrainConfig
 from senseflow.teachers.base import Denoiser
 from senseflow.train.compiled import compile_blocks, compile_enabled, optimizer_kernels
+from senseflow.train.distributed import checkpoint_blocks
 from senseflow.train.trainer import build_optimizer
 
 TOL = 1e-5
@@ -35,14 +36,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
 
 
-@pytest.mark.slow  # ~10-20 s: TorchDynamo + AOT autograd tracing of two SD3 blocks, forward and backward
-def test_compiled_blocks_equal_eager_forward_and_backward():
+@pytest.mark.slow  # ~10-20 s each: TorchDynamo + AOT autograd tracing of two SD3 blocks, forward and backward
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_blocks_equal_eager_forward_and_backward(checkpointed):
     preset = get_preset("tiny")
     device = torch.device("cpu")
     adapter = preset.make_adapter(preset.default_resolution, device, torch.float32)
     eager = preset.build_backbone(device, torch.float32, 0)
     compiled = copy.deepcopy(eager)
     names = adapter.block_names(compiled)
+    if checkpointed:  # the GPU suite's setting: activation checkpointing, then compile (as the trainer orders them)
+        checkpoint_blocks(compiled, names)
     assert compile_blocks(compiled, names, backend="aot_eager") == len(names) == 2
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
     cond = preset.conditioning(2, device, torch.float32, seed=0)

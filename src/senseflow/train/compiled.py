@@ -5,9 +5,9 @@ adapter names (:meth:`ModelAdapter.block_names`) instead of the whole backbone: 
 DiT share one structure, so the compiler traces one block once and reuses the code for all of
 them -- compile time stays minutes for 12B models where compiling the whole backbone (60 blocks
 inlined) takes far longer and recompiles whenever the glue around the blocks changes.
-``nn.Module.compile`` compiles the block's call in place: parameter names (IDA, checkpoints,
-export), FSDP2 sharding, activation checkpointing (the wrapped ``forward`` is what is compiled) and
-forward hooks stay as they are.
+Each block's ``forward`` is replaced by its compiled version in place: parameter names (IDA,
+checkpoints, export), FSDP2 sharding hooks, activation checkpointing (the wrapped ``forward`` is
+what is compiled) and forward hooks stay as they are.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def compile_blocks(backbone: nn.Module, block_names: list[str], **options: Any) 
     targets = [modules[name] for name in block_names] if block_names else [backbone]
     for module in targets:
         if not getattr(module, "_senseflow_compiled", False):
-            module.compile(**options)
+            # the module's ``forward`` (already activation-checkpointed when that is on), not its
+            # ``__call__``: FSDP2's per-block hooks stay outside the compiled region, the order
+            # checkpoint -> compile -> shard that torchtitan uses
+            module.forward = torch.compile(module.forward, **options)
             module._senseflow_compiled = True
     return len(targets)
 
