@@ -63,11 +63,12 @@ def iteration_kind(phases: list[str]) -> str:
     return "generator" if "generator" in phases else "fake"
 
 
-def minimum(method: str, phases: list[str]) -> dict[str, int] | None:
+def minimum(method: str, phases: list[str], extra_terms: bool = False) -> dict[str, int] | None:
     """The minimum passes of one iteration running ``phases``; ``None`` where none is tabulated
-    (a discriminator phase: the adversarial variants are not in the table)."""
+    (a discriminator phase, or ``extra_terms`` -- e.g. a GAN head on the fake score: the
+    adversarial variants are not in the table)."""
     table = MINIMUM.get(method)
-    if table is None or "discriminator" in phases:
+    if table is None or extra_terms or "discriminator" in phases:
         return None
     kind = iteration_kind(phases)
     return dict(table.get(kind, table.get("generator")))
@@ -155,6 +156,7 @@ def count_passes(trainer: Any, batch: Any, iterations: int) -> list[dict[str, An
     Returns one record per iteration: ``phases``, ``counted`` and ``minimum`` (``None`` if not tabulated).
     """
     method = trainer.method
+    extra = getattr(method, "gan", None) is not None  # a GAN head adds fake-score passes (not tabulated)
     counter = PassCounter()
     records = []
     with counter.installed(networks_of(method.models), method.models.generator):
@@ -164,7 +166,7 @@ def count_passes(trainer: Any, batch: Any, iterations: int) -> list[dict[str, An
                 trainer.run_phase(phase, batch)
             trainer.step += 1
             counted = counter.take()
-            records.append({"phases": phases, "counted": counted, "minimum": minimum(method.name, phases)})
+            records.append({"phases": phases, "counted": counted, "minimum": minimum(method.name, phases, extra)})
     return records
 
 

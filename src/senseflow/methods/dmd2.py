@@ -58,7 +58,7 @@ class DMD2(Method):
         self.dmd_time = config.dmd_time.build()
         self.fake_time = config.fake_time.build()
         # detached G samples of the current iteration, one per micro-batch (fake_sample: generator)
-        self._samples: list[Tensor] = []
+        self._samples: list[tuple[GeneratorInput, Tensor]] = []
         self._cursor: dict[str, int] = {}
 
     # -- policy --------------------------------------------------------------------------------
@@ -99,23 +99,31 @@ class DMD2(Method):
 
     def sample_generator(self, batch: Batch, rng: RandomStreams) -> Tensor:
         """A detached G sample (``x0``) from a fresh training input (for fake-score / D updates)."""
+        return self.sample_generator_at(batch, rng)[1]
+
+    def sample_generator_at(self, batch: Batch, rng: RandomStreams) -> tuple[GeneratorInput, Tensor]:
+        """The training input and the detached G sample drawn from it."""
         gin = self.generator_input(batch, rng)
         with torch.no_grad():
-            return self.models.generator(gin.x_t, gin.t, batch.cond)
+            return gin, self.models.generator(gin.x_t, gin.t, batch.cond)
 
     def iteration_sample(self, phase: str, batch: Batch, rng: RandomStreams) -> Tensor:
-        """The detached G sample ``phase`` trains on (see ``fake_sample``).
+        """The detached G sample ``phase`` trains on (see ``fake_sample``)."""
+        return self.iteration_sample_at(phase, batch, rng)[1]
+
+    def iteration_sample_at(self, phase: str, batch: Batch, rng: RandomStreams) -> tuple[GeneratorInput, Tensor]:
+        """The training input and detached G sample ``phase`` trains on (see ``fake_sample``).
 
         With ``generator`` the i-th micro-batch of every phase of an iteration gets the same
         sample: the one G's own step produced (stored by :meth:`generator_loss`), or, on an
         iteration without a G step, one drawn by the first phase that needs it.
         """
         if self.config.fake_sample == "fresh":
-            return self.sample_generator(batch, rng)
+            return self.sample_generator_at(batch, rng)
         i = self._cursor.get(phase, 0)
         self._cursor[phase] = i + 1
         if i == len(self._samples):
-            self._samples.append(self.sample_generator(batch, rng))
+            self._samples.append(self.sample_generator_at(batch, rng))
         return self._samples[i]
 
     def dmd_loss(self, x: Tensor, cond: Conditioning, rng: RandomStreams) -> tuple[Tensor, dict[str, Tensor]]:
@@ -151,7 +159,7 @@ class DMD2(Method):
         gin = self.generator_input(batch, rng)
         x = self.models.generator(gin.x_t, gin.t, batch.cond)
         if self.config.fake_sample == "generator":
-            self._samples.append(x.detach())
+            self._samples.append((gin, x.detach()))
         loss, logs = self.dmd_loss(x, batch.cond, rng)
         logs = {"loss_dmd": loss.detach(), **logs}
         total = loss
