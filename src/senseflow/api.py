@@ -16,6 +16,7 @@ from .rng import RandomStreams
 from .teachers.base import SenseflowError
 from .train import rundir
 from .train.checkpoint import latest_checkpoint, read_meta
+from .train.compiled import compile_models
 from .train.distributed import DistContext, builds_on_meta, init_distributed, parallelize
 from .train.lock import holds, lock_run_dir, release, write_pid
 from .train.precision import cast_trainable, master_dtype
@@ -113,6 +114,7 @@ def _build(config: Config, ctx: DistContext, run_dir: Path, ckpt: Path | None, h
     adapter = models.teacher.adapter
     check_batch_memory(config.train.batch_size, config.train.grad_accum, tuple(adapter.latent_shape()), device)
     parallelize(models, config.parallel, config.train.precision, ctx)
+    compile_models(models, config.train.compile)
     method = build_method_from(config, models, ctx.world_size)
     data = build_data(config, adapter, device, ctx.rank, ctx.world_size)
     samples = build_samples(config, adapter, device)

@@ -163,6 +163,9 @@ class TrainConfig(StrictModel):
     tensorboard: bool = True
     eval: TrainEvalConfig | None = Field(None, description="evaluation during training: every N steps a cheap metric "
                                          "set on M prompts, logged as eval/*; keeps <output>/best/ (docs/evaluation.md)")
+    compile: bool | Literal["blocks"] = Field(
+        False, description="torch.compile each transformer block of the teacher, generator and fake score "
+                           "(regional compilation: true = 'blocks'); same maths, see docs/performance.md")
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainConfig":

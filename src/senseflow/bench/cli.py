@@ -46,6 +46,8 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--resolution", str(args.resolution)]
     if args.activation_checkpointing:
         parts.append("--activation-checkpointing")
+    if args.compile:
+        parts.append("--compile")
     for item in args.set or []:
         parts += ["--set", item]
     return " ".join(parts)
@@ -78,7 +80,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
                              precision=args.precision, device=args.device,
                              activation_checkpointing=args.activation_checkpointing, method_overrides=overrides,
-                             count_flops=not args.no_flops, peak_tflops=args.peak_tflops,
+                             count_flops=not args.no_flops, count_passes=not args.no_passes, compile=args.compile, peak_tflops=args.peak_tflops,
                              measure_saved=args.compare_estimate, seed=args.seed, allow_cpu=args.allow_cpu)
     result = run_benchmark(settings)
     if result["world_size"] > 1:
@@ -127,6 +129,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="method setting, e.g. --set ttur=1 --set real_guidance.cfg=4.5 (repeatable)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting replay")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (train.compile: blocks); warm-up includes compiling")
+    p.add_argument("--no-passes", action="store_true", help="skip the pass-counting replay")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU (override)")
     p.add_argument("--compare-estimate", action="store_true",
                    help="also print the memory estimate of this setup next to the measured numbers")

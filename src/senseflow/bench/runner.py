@@ -65,9 +65,11 @@ from ..methods import Batch, DistillationModels, build_method
 from ..rng import RandomStreams
 from ..schedules import anchors as unit_to_native
 from ..teachers.base import Denoiser, SenseflowError, freeze
+from ..train.compiled import compile_models
 from ..train.distributed import DistContext, ParallelConfig, init_distributed, parallelize
 from ..train.trainer import Trainer
 from .memory import SavedTensorCounter, dtypes
+from .passes import count_passes, format_passes
 from .presets import Preset, _cast, get_preset, method_config
 
 #: dense (no sparsity) peak TFLOP/s per GPU, from NVIDIA's data sheets
@@ -108,6 +110,8 @@ class BenchSettings:
     peak_tflops: float | None = None
     measure_saved: bool = False            # also measure saved-for-backward bytes per phase (estimate check)
     allow_cpu: bool = False                # run a real-shape preset on a CPU anyway
+    count_passes: bool = True              # replay the timed iterations counting network passes
+    compile: bool = False                  # train.compile: torch.compile each transformer block
     seed: int = 0
 
 
@@ -416,6 +420,7 @@ def setup(settings: BenchSettings, ctx: DistContext | None = None) -> tuple[Trai
     models = build_models(preset, resolution, settings.precision, device, settings.anchors, settings.seed)
     parallelize(models, ParallelConfig(activation_checkpointing=settings.activation_checkpointing),
                 settings.precision, ctx)
+    compile_models(models, settings.compile)
     cfg = method_config(settings.method, preset.family, settings.method_overrides)
     method = build_method(models, cfg, images_per_iteration=settings.batch_size * ctx.world_size)
     teacher_dtype = dtypes(settings.precision)[0]
@@ -511,6 +516,12 @@ def _run(settings: BenchSettings, trainer: Trainer, batch: Batch, preset: Preset
             replay()
         flops = counter.get_total_flops() / settings.iterations
 
+    passes = None
+    if settings.count_passes:  # a replay of its own, with hooks on every network
+        trainer.step = start_step
+        trainer.rng.load_state_dict(copy.deepcopy(start_rng))
+        passes = count_passes(trainer, batch, settings.iterations)
+
     saved = measure_saved_bytes(trainer, batch) if settings.measure_saved else None
 
     # -- results -----------------------------------------------------------------------------------
@@ -542,7 +553,7 @@ def _run(settings: BenchSettings, trainer: Trainer, batch: Batch, preset: Preset
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "world_size": world, "resolution": int(settings.resolution or preset.default_resolution),
         "batch_size": settings.batch_size, "activation_checkpointing": settings.activation_checkpointing,
-        "warmup": settings.warmup, "iterations": n,
+        "compile": settings.compile, "warmup": settings.warmup, "iterations": n,
         "params": {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()},
         "phases_per_iteration": statistics.fmean(phases_seen),
         "step_time_s": step, "step_time_min_s": min(step_times), "step_time_max_s": max(step_times),
@@ -556,6 +567,8 @@ def _run(settings: BenchSettings, trainer: Trainer, batch: Batch, preset: Preset
         "peak_allocated_bytes": peak_cuda if cuda else peak_allocated,
         "resident_bytes": resident,
     }
+    if passes is not None:
+        result["passes"] = passes
     if saved is not None:
         result["saved_bytes"] = saved
     return result
@@ -608,6 +621,8 @@ def format_result(r: dict[str, Any]) -> str:
                      f"{r['achieved_tflops'] * 1e3:.2f} GFLOP/s achieved; peak {peak} TFLOP/s "
                      f"({r['peak_tflops_source']}); MFU {mfu}")
     lines.append(f"  peak memory        {mb(r['peak_memory_bytes'])}  [{r['memory_method']}]")
+    if r.get("passes"):
+        lines.append(format_passes(r["method"], r["passes"]))
     if r["device"] == "cpu":
         lines.append(f"  peak allocated     {mb(r['peak_allocated_bytes'])}  [CPU allocator: resident tensors + "
                      f"profiler memory events, replayed iterations]")

@@ -54,6 +54,10 @@ class DMD2Config(StrictModel):
     discriminator_time_weight: bool = Field(
         True, description="with adversarial_time_weight omega: weight both hinge terms of D's loss by the same omega(t) "
                           "(released trainers); false = unweighted D loss (paper eq. 12)")
+    fake_sample: Literal["generator", "fresh"] = Field(
+        "generator", description="sample the fake score (and D) train on: 'generator' = the detached sample of this "
+        "iteration's G step when there is one (released DMD2, guidance_data_dict; no extra G pass), else one fresh "
+        "sample shared by fake score and D; 'fresh' = a new G sample for each of them")
     gan_head: GANHeadConfig = Field(default_factory=GANHeadConfig,
                                     description="DMD2's own GAN term (classifier head on the fake score)")
 
@@ -96,6 +100,9 @@ class DMD2(Method):
         #: DMD2's classifier head, a submodule of the fake score (its optimiser, its checkpoint file)
         self.gan = attach_gan_head(models.fake_score, config.gan_head) if config.gan_head.enabled else None
         self.gan_time = config.gan_head.time.build()
+        # detached G samples of the current iteration, one per micro-batch (fake_sample: generator)
+        self._samples: list[tuple[GeneratorInput, Tensor]] = []
+        self._cursor: dict[str, int] = {}
 
     # -- policy --------------------------------------------------------------------------------
     @property
@@ -110,6 +117,7 @@ class DMD2(Method):
         return nets
 
     def phases(self, iteration: int) -> list[str]:
+        self._samples, self._cursor = [], {}  # a new iteration: nothing to reuse yet
         phases = ["generator"] if iteration % self.config.ttur == 0 else []
         phases.append("fake_score")
         if self.adversarial is not None:
@@ -155,13 +163,14 @@ class DMD2(Method):
             return gin, self.models.generator(gin.x_t, gin.t, batch.cond)
 
     def discriminator_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
-        """D's loss on real data vs a fresh G sample; time-weighted like G's term when configured.
+        """D's loss on real data vs the iteration's G sample (``fake_sample``), time-weighted like G's term
+        when configured.
 
         The released trainers multiply BOTH hinge terms by omega(t) of the G sample's anchor.  The
         anchor index is drawn once per batch (shared stream), so omega is one number per batch and
         scaling the term's loss by it equals weighting each sample's hinge terms.
         """
-        gin, x = self.sample_generator_at(batch, rng)
+        gin, x = self.iteration_sample_at("discriminator", batch, rng)
         out = self.adversarial.discriminator_loss(x, batch)
         if self.config.adversarial_time_weight != "omega" or not self.config.discriminator_time_weight:
             return out
@@ -170,6 +179,25 @@ class DMD2(Method):
             raise ValueError("discriminator time weight: the batch mixes anchors; draw one anchor per batch")
         weight = float(w[0])
         return LossOutput(out.loss * weight, {**out.logs, "d_time_weight": weight})
+
+    def iteration_sample(self, phase: str, batch: Batch, rng: RandomStreams) -> Tensor:
+        """The detached G sample ``phase`` trains on (see ``fake_sample``)."""
+        return self.iteration_sample_at(phase, batch, rng)[1]
+
+    def iteration_sample_at(self, phase: str, batch: Batch, rng: RandomStreams) -> tuple[GeneratorInput, Tensor]:
+        """The training input and detached G sample ``phase`` trains on (see ``fake_sample``).
+
+        With ``generator`` the i-th micro-batch of every phase of an iteration gets the same
+        sample: the one G's own step produced (stored by :meth:`generator_loss`), or, on an
+        iteration without a G step, one drawn by the first phase that needs it.
+        """
+        if self.config.fake_sample == "fresh":
+            return self.sample_generator_at(batch, rng)
+        i = self._cursor.get(phase, 0)
+        self._cursor[phase] = i + 1
+        if i == len(self._samples):
+            self._samples.append(self.sample_generator_at(batch, rng))
+        return self._samples[i]
 
     def dmd_loss(self, x: Tensor, cond: Conditioning, rng: RandomStreams) -> tuple[Tensor, dict[str, Tensor]]:
         """The distribution-matching loss for G samples ``x`` (gradient flows into ``x`` only)."""
@@ -203,6 +231,8 @@ class DMD2(Method):
     def generator_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
         gin = self.generator_input(batch, rng)
         x = self.models.generator(gin.x_t, gin.t, batch.cond)
+        if self.config.fake_sample == "generator":
+            self._samples.append((gin, x.detach()))
         loss, logs = self.dmd_loss(x, batch.cond, rng)
         logs = {"loss_dmd": loss.detach(), **logs}
         total = loss
@@ -222,7 +252,7 @@ class DMD2(Method):
 
     def fake_score_loss(self, batch: Batch, rng: RandomStreams) -> LossOutput:
         """The teacher's own training loss on detached G samples (velocity / eps MSE)."""
-        x = self.sample_generator(batch, rng).float()
+        x = self.iteration_sample("fake_score", batch, rng).float()
         schedule = self.schedule
         t = self.fake_time.sample(x.shape[0], schedule, rng.local, rng.device).to(x.device)
         eps = rng.randn_like(x)

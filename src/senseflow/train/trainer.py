@@ -23,6 +23,7 @@ from ..methods.base import Batch, Method
 from ..rng import RandomStreams, derive_seed
 from ..teachers.base import Conditioning
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .compiled import optimizer_kernels
 from .distributed import DistContext, full_tensor
 from .finite import check_parameters
 from .ema import EMA_NAME, EMAConfig, GeneratorEMA
@@ -42,7 +43,8 @@ class BatchSource(Protocol):
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.name]
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+               **optimizer_kernels(params))
 
 
 @dataclass
