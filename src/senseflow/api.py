@@ -44,6 +44,9 @@ def build_trainer(config: Config, resume: str = "auto", hooks: TrainerHooks | No
     if config.train.precision == "bf16":
         for net in (models.generator, models.fake_score):
             net.to(torch.bfloat16)
+    elif config.train.precision == "amp_bf16":  # fp32 master weights (the copies are made in teacher.dtype):
+        for net in (models.generator, models.fake_score):  # Adam on float16 weights divides by an eps that is 0
+            net.to(torch.float32)
     parallelize(models, config.parallel, config.train.precision, ctx)
     adapter = models.teacher.adapter
     method = build_method_from(config, models, ctx.world_size)
