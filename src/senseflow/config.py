@@ -174,6 +174,9 @@ class Config(StrictModel):
         teacher = self.paths.teacher
         if not teacher.startswith(BUILTIN_PREFIX) and self.teacher.family != "custom" and not Path(teacher).is_dir():
             raise SenseflowError(f"paths.teacher: {teacher!r} is not a directory; point it at a local diffusers folder")
+        if not teacher.startswith(BUILTIN_PREFIX) and self.teacher.family != "custom":
+            from .teachers.loading import check_folder_family
+            check_folder_family(teacher, self.teacher.family)
         for key in ("prompts", "eval_prompts"):
             value = getattr(self.paths, key)
             if value is not None and value.startswith(BUILTIN_PREFIX) and value not in TOY_WORLDS:

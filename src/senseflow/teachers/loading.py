@@ -363,3 +363,18 @@ def require_keys(config: Mapping[str, Any], keys: Iterable[str], where: str | os
     for key in keys:
         if key not in config:
             raise SenseflowError(f"{where}/config.json has no {key}: re-save the model with save_pretrained")
+
+
+def check_folder_family(folder: str | os.PathLike, family: str) -> None:
+    """Refuse (one line, naming both) a teacher folder whose ``model_index.json`` is another family's pipeline.
+
+    Run by ``Config.check_paths`` (so ``senseflow train --dry-run`` catches it before anything is
+    loaded); a folder without ``model_index.json`` or with an unknown pipeline class passes here and
+    is checked by the family's loader.
+    """
+    index = read_model_index(Path(folder))
+    found = pipeline_family(index)
+    if found is not None and found != family:
+        raise SenseflowError(f"paths.teacher: {folder}/model_index.json is a {index.get('_class_name')} (family "
+                             f"{found!r}) but teacher.family is {family!r}: set teacher.family: {found} or point "
+                             f"paths.teacher at a {family} folder")
