@@ -137,6 +137,8 @@ def test_shipped_recipe_trains_two_iterations(recipe, world, tmp_path):
     assert (tmp_path / "run" / "student" / "student.safetensors").is_file()
     for p in trainer.method.models.generator.parameters():
         assert torch.isfinite(p).all()
+        if config.train.precision == "amp_bf16":   # fp32 master weights, whatever teacher.dtype is
+            assert p.dtype == torch.float32
 
 
 def test_dry_run_refuses_a_folder_of_another_family(world, tmp_path, capsys):
