@@ -58,7 +58,8 @@ class PathsConfig(StrictModel):
 
 
 class TeacherConfig(StrictModel):
-    family: Literal["toy", "sd3", "flux", "sdxl", "sana", "custom"]
+    family: str = Field(description="teacher family: a built-in (toy, sd3, flux, sdxl, sana, custom) or one a package "
+                        "registers (entry points senseflow.families); see senseflow.teachers.registry")
     factory: str | None = Field(None, description="custom family: 'package.module:function' returning (adapter, backbone)")
     resolution: int = Field(1024, ge=8, le=8192, description="training resolution in pixels")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="storage dtype of the frozen teacher")
@@ -66,6 +67,16 @@ class TeacherConfig(StrictModel):
     options: dict[str, Any] = Field(
         default_factory=dict, description="family-specific loader options, e.g. FLUX {fake_guidance_embed: true, "
                                           "default_embedded_guidance: 3.5}, SANA {prediction: trigflow}")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from .teachers import registry
+
+        known = registry.names()
+        if v not in known:
+            raise ValueError(f"unknown family {v!r}; known families: {', '.join(known)}")
+        return v
 
     @model_validator(mode="after")
     def _factory(self) -> "TeacherConfig":

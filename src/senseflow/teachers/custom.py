@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, RectifiedFlow
+from . import registry
 from .base import Conditioning, ModelAdapter, SenseflowError
 
 PromptEncoder = Callable[[Sequence[str]], Mapping[str, Tensor]]
@@ -231,3 +232,30 @@ def tiny_vector_example(path: str | None = None, resolution: int = 16, device: t
     adapter = CallableAdapter(RectifiedFlow(shift=shift), shape, prompt_encoder=HashedWordEncoder(seed=seed),
                               blocks=[f"blocks.{i}" for i in range(len(backbone.blocks))], output_norm="norm_out")
     return adapter, backbone
+
+
+# -------------------------------------------------------------------------------------------------
+# the family descriptor (senseflow.teachers.registry)
+# -------------------------------------------------------------------------------------------------
+def load_from_config(config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+    """``teacher.factory`` called with the path, resolution, device, shift and ``teacher.options`` (moved from
+    ``build._load_custom``)."""
+    from ..config import BUILTIN_PREFIX
+
+    path = None if config.paths.teacher.startswith(BUILTIN_PREFIX) else config.paths.teacher
+    kwargs = {"path": path, "resolution": config.teacher.resolution, "device": device}
+    if config.teacher.shift is not None:
+        kwargs["shift"] = config.teacher.shift
+    spec = config.teacher.factory
+    fixed = sorted(set(config.teacher.options) & set(kwargs))
+    if fixed:
+        raise SenseflowError(f"teacher.options.{fixed[0]}: set by senseflow (paths.teacher, teacher.resolution, "
+                             f"train.device, teacher.shift); remove it from teacher.options")
+    kwargs.update(config.teacher.options)
+    factory = load_factory(spec)
+    check_factory_call(factory, spec, kwargs)
+    return factory(**kwargs)
+
+
+#: a factory called with ``device="meta"`` builds its network without weights (broadcast_from_rank0)
+FAMILY = registry.FamilyDescriptor(name="custom", label="custom", load=load_from_config, builds_on_meta=True)

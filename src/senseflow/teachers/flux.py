@@ -47,9 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from ..schedules import RectifiedFlow, as_time, flux_mu
-from . import loading
+from . import loading, registry
 from .base import Conditioning, SenseflowError
-from .common import DiffusersFolderAdapter
+from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 CLIP_CLASS = "CLIPTextModel"
@@ -471,3 +471,47 @@ class FluxAdapter(DiffusersFolderAdapter):
                 f"text_encoders={'yes' if self.has_text_encoders else 'no'}, "
                 f"max_sequence_length={self.max_sequence_length}, "
                 f"student_guidance_embed={self.student_guidance_embed}, fake_guidance_embed={self.fake_guidance_embed})")
+
+
+# -------------------------------------------------------------------------------------------------
+# the family descriptor (senseflow.teachers.registry)
+# -------------------------------------------------------------------------------------------------
+def draw_packed_renoise(draw, shape, dtype: torch.dtype) -> Tensor:
+    """FluxPipeline's re-noise: drawn in the packed token layout ``[1, HW/4, 4C]``, unpacked to ``[1, C, H, W]``
+    (moved from ``generate.ImageNoise.renoise``)."""
+    c, h, w = shape
+    return unpack_latents(draw((1, (h // 2) * (w // 2), 4 * c), dtype), h, w)
+
+
+#: FluxPipeline's default (the export snippet passes a value only where the student needs another one)
+PIPELINE_MAX_SEQUENCE_LENGTH = 512
+
+
+def export_call_kwargs(student, call: dict) -> None:
+    """FluxPipeline arguments beyond the common ones (moved from ``export_diffusers.pipeline_call``)."""
+    if has_guidance_embedding(student.backbone):     # student_guidance_embed: the adapter's default value
+        call["guidance_scale"] = float(student.adapter.default_embedded_guidance)
+    max_sequence_length_kwarg(student.adapter, call, PIPELINE_MAX_SEQUENCE_LENGTH)
+
+
+def load_from_config(config, device: torch.device) -> tuple[FluxAdapter, nn.Module]:
+    """FLUX.1: dynamic ``mu`` from the scheduler config; ``teacher.shift`` (if set) replaces it by a static shift."""
+    from ..build import loader_kwargs
+
+    return FluxAdapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
+
+
+FAMILY = registry.FamilyDescriptor(
+    name="flux",
+    label="FLUX.1",
+    load=load_from_config,
+    backbone_classes=("FluxTransformer2DModel",),
+    pipeline_class="FluxPipeline",
+    pipeline_prefixes=("Flux",),
+    noise=registry.NoiseRecipe("global", renoise=draw_packed_renoise),   # global RNG, packed re-noise
+    export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
+                                 call_kwargs=export_call_kwargs),
+    # target_modules: auto = the attention projections diffusers' LoRA training scripts target
+    lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+)

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..schedules import RectifiedFlow, as_time
-from . import loading
+from . import loading, registry
 from .base import Conditioning, SenseflowError
-from .common import DiffusersFolderAdapter
+from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
 TRANSFORMER_CLASS = "SD3Transformer2DModel"
 CLIP_CLASS = "CLIPTextModelWithProjection"
@@ -414,3 +414,45 @@ class SD3Adapter(DiffusersFolderAdapter):
         return (f"SD3Adapter(source={self.source!r}, resolution={self.resolution}, schedule={self.schedule}, "
                 f"encoders={encs}, vae={'yes' if self.vae is not None else 'no (pixel space)'}, "
                 f"max_sequence_length={self.max_sequence_length})")
+
+
+# -------------------------------------------------------------------------------------------------
+# the family descriptor (senseflow.teachers.registry)
+# -------------------------------------------------------------------------------------------------
+#: StableDiffusion3Pipeline's default (the export snippet passes a value only where the student needs another one)
+PIPELINE_MAX_SEQUENCE_LENGTH = 256
+
+
+def export_call_kwargs(student, call: dict) -> None:
+    """StableDiffusion3Pipeline arguments beyond the common ones (moved from ``export_diffusers.pipeline_call``)."""
+    max_sequence_length_kwarg(student.adapter, call, PIPELINE_MAX_SEQUENCE_LENGTH)
+
+
+def check_export(student) -> None:
+    """Moved from ``export_diffusers.export_diffusers``."""
+    if getattr(student.adapter, "max_sequence_length", 1) == 0:
+        raise SenseflowError("this SD3 student was trained with max_sequence_length=0 (no T5 tokens), which "
+                             "StableDiffusion3Pipeline cannot reproduce: use senseflow generate")
+
+
+def load_from_config(config, device: torch.device) -> tuple[SD3Adapter, nn.Module]:
+    """SD3 / SD3.5 (moved from ``build._load_sd3``)."""
+    from ..build import loader_kwargs
+
+    return SD3Adapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
+
+
+FAMILY = registry.FamilyDescriptor(
+    name="sd3",
+    label="SD3 / SD3.5",
+    load=load_from_config,
+    backbone_classes=("SD3Transformer2DModel",),
+    pipeline_class="StableDiffusion3Pipeline",
+    pipeline_prefixes=("StableDiffusion3",),
+    noise=registry.NoiseRecipe("global"),   # latents AND re-noise from the global RNG
+    export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
+                                 call_kwargs=export_call_kwargs, check=check_export),
+    # target_modules: auto = the attention projections diffusers' LoRA training scripts target
+    lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+)
