@@ -25,8 +25,14 @@ from .generator import FewStepGenerator
 from .teachers.base import Denoiser, ModelAdapter, SenseflowError
 
 RUN_CONFIG = "config.yaml"
-#: families whose students export to a stock diffusers pipeline
-DIFFUSERS_FAMILIES: tuple[str, ...] = ("sd3", "flux", "sdxl", "sana")
+
+
+def __getattr__(name: str):
+    """``DIFFUSERS_FAMILIES`` (families whose students export to a stock pipeline) now comes from the registry."""
+    if name == "DIFFUSERS_FAMILIES":
+        from .teachers.registry import diffusers_families
+        return diffusers_families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
