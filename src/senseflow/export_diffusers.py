@@ -44,6 +44,16 @@ from .teachers.base import SenseflowError
 
 EXPORT_META = "senseflow_export.json"
 LINK_MODES = ("hardlink", "copy", "symlink")
+
+
+def __getattr__(name: str):
+    """``PIPELINES`` (family -> (pipeline class, backbone subfolder)) for code written before the registry."""
+    if name == "PIPELINES":
+        from .teachers import registry
+        return {d.name: (d.pipeline_class, d.backbone_folder) for d in registry.descriptors() if d.exports_to_diffusers}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # -------------------------------------------------------------------------------------------------
 # schedulers and the pipeline call
 # -------------------------------------------------------------------------------------------------

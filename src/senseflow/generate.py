@@ -61,6 +61,14 @@ def noise_recipe(family: str) -> NoiseRecipe:
     return desc.noise if desc is not None else DEFAULT_RECIPE
 
 
+def __getattr__(name: str):
+    """``RECIPES`` (family -> NoiseRecipe) for code written before the registry."""
+    if name == "RECIPES":
+        from .teachers import registry
+        return {d.name: d.noise for d in registry.descriptors()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def image_seed(base_seed: int, index: int) -> int:
     """The seed of prompt ``index`` in a run with ``--seed base_seed`` (32 bits: fits every RNG API)."""
     return derive_seed(int(base_seed), "image", int(index)) % (2 ** 32)
