@@ -494,6 +494,40 @@ def export_call_kwargs(student, call: dict) -> None:
     max_sequence_length_kwarg(student.adapter, call, PIPELINE_MAX_SEQUENCE_LENGTH)
 
 
+# -- senseflow bench (moved from bench/presets.py Preset methods) ---------------------------------------
+def _bench_multiple(preset) -> int:
+    return preset.vae_factor * 2
+
+
+def _bench_tokens(preset, resolution: int) -> int:
+    return (resolution // preset.vae_factor // 2) ** 2
+
+
+def _bench_adapter(preset, resolution: int, device: torch.device, dtype: torch.dtype) -> "FluxAdapter":
+    vae = {"latent_channels": preset.latent_channels, "block_out_channels": [1] * preset.vae_factor.bit_length(),
+           "scaling_factor": 1.0, "shift_factor": 0.0}
+    return FluxAdapter(preset.config, resolution=resolution, vae=vae, scheduler_config=preset.scheduler,
+                       max_sequence_length=preset.text_tokens, device=device, dtype=dtype,
+                       source=f"preset {preset.name}")
+
+
+def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict:
+    h, w = x.shape[-2:]
+    kwargs = {"hidden_states": pack_latents(x), "timestep": t,
+              "pooled_projections": cond.tensors["pooled_prompt_embeds"],
+              "encoder_hidden_states": cond.tensors["prompt_embeds"],
+              "txt_ids": torch.zeros(preset.text_tokens, 3, device=device),
+              "img_ids": latent_image_ids(h // 2, w // 2, device=device), "return_dict": False}
+    if config.get("guidance_embeds"):
+        kwargs["guidance"] = torch.full((x.shape[0],), 3.5, device=device, dtype=torch.float32)
+    return kwargs
+
+
+def _bench_student_config(preset) -> dict:
+    """No guidance embedder in the trainable copies, as the adapter builds them."""
+    return {**preset.config, "guidance_embeds": False}
+
+
 def load_from_config(config, device: torch.device) -> tuple[FluxAdapter, nn.Module]:
     """FLUX.1: dynamic ``mu`` from the scheduler config; ``teacher.shift`` (if set) replaces it by a static shift."""
     from ..build import loader_kwargs
@@ -511,6 +545,8 @@ FAMILY = registry.FamilyDescriptor(
     noise=registry.NoiseRecipe("global", renoise=draw_packed_renoise),   # global RNG, packed re-noise
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
                                  call_kwargs=export_call_kwargs),
+    bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
+                                student_config=_bench_student_config),
     # target_modules: auto = the attention projections diffusers' LoRA training scripts target
     lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),

@@ -92,6 +92,28 @@ class ExportRecipe:
 
 
 @dataclass(frozen=True)
+class BenchRecipe:
+    """The family's part of a ``senseflow bench`` preset (:class:`senseflow.bench.presets.Preset`).
+
+    Each callable takes the preset first: ``resolution_multiple(preset)``,
+    ``image_tokens(preset, resolution)``, ``make_adapter(preset, resolution, device, dtype)`` (the real
+    adapter on latent-space inputs and random cached prompts), ``backbone_inputs(preset, x, t, cond,
+    resolution, device, dtype, config)`` (one backbone forward's kwargs, as the adapter builds them),
+    ``student_config(preset)`` (the trainable copies' config).  ``model_cls`` / ``from_config``: how
+    the backbone is built (default: ``getattr(diffusers, preset.model_class).from_config``).
+    """
+
+    resolution_multiple: Callable[..., int]
+    image_tokens: Callable[..., int]
+    make_adapter: Callable[..., Any]
+    backbone_inputs: Callable[..., dict[str, Any]]
+    student_config: Callable[..., dict[str, Any]] | None = None
+    conditioning: Callable[..., Any] | None = None   # (preset, batch, generator, device, dtype); default: embeds
+    model_cls: Callable[[], Any] | None = None
+    from_config: bool = True
+
+
+@dataclass(frozen=True)
 class FamilyDescriptor:
     """Everything senseflow needs to know about one teacher family (see module docstring)."""
 
@@ -105,6 +127,7 @@ class FamilyDescriptor:
     lora_targets: tuple[str, ...] = ()        # ``target_modules: auto`` (diffusers' LoRA scripts' choice)
     noise: NoiseRecipe = DEFAULT_NOISE
     export: ExportRecipe | None = None
+    bench: BenchRecipe | None = None
     builds_on_meta: bool = False               # the loader itself can build the backbone on the meta device
     extra: Mapping[str, Any] = field(default_factory=dict)
 

@@ -435,6 +435,33 @@ def check_export(student) -> None:
                              "StableDiffusion3Pipeline cannot reproduce: use senseflow generate")
 
 
+# -- senseflow bench (moved from bench/presets.py Preset methods) ---------------------------------------
+def _bench_multiple(preset) -> int:
+    return preset.vae_factor * int(preset.config.get("patch_size", 2))
+
+
+def _bench_tokens(preset, resolution: int) -> int:
+    side = resolution // preset.vae_factor
+    p = int(preset.config.get("patch_size", 2))
+    return (side // p) ** 2
+
+
+def _bench_adapter(preset, resolution: int, device: torch.device, dtype: torch.dtype) -> "SD3Adapter":
+    from ..bench.presets import LatentSpace
+
+    adapter = SD3Adapter(preset.config, resolution=resolution,
+                         vae=LatentSpace(preset.latent_channels, preset.vae_factor),
+                         max_sequence_length=0, device=device, dtype=dtype, source=f"preset {preset.name}")
+    adapter.set_unconditional(preset.conditioning(1, device, dtype, seed=1))
+    return adapter
+
+
+def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict:
+    return {"hidden_states": x, "timestep": t * 1000.0,
+            "encoder_hidden_states": cond.tensors["prompt_embeds"],
+            "pooled_projections": cond.tensors["pooled_prompt_embeds"], "return_dict": False}
+
+
 def load_from_config(config, device: torch.device) -> tuple[SD3Adapter, nn.Module]:
     """SD3 / SD3.5 (moved from ``build._load_sd3``)."""
     from ..build import loader_kwargs
@@ -452,6 +479,7 @@ FAMILY = registry.FamilyDescriptor(
     noise=registry.NoiseRecipe("global"),   # latents AND re-noise from the global RNG
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
                                  call_kwargs=export_call_kwargs, check=check_export),
+    bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs),
     # target_modules: auto = the attention projections diffusers' LoRA training scripts target
     lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),

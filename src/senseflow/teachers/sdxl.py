@@ -442,6 +442,32 @@ def export_step_kwargs(student, sampler: str) -> dict:
     return {}
 
 
+# -- senseflow bench (moved from bench/presets.py Preset methods) ---------------------------------------
+def _bench_multiple(preset) -> int:
+    return preset.vae_factor * 2 ** (len(preset.config["down_block_types"]) - 1)
+
+
+def _bench_tokens(preset, resolution: int) -> int:
+    side = resolution // preset.vae_factor
+    return side * side
+
+
+def _bench_adapter(preset, resolution: int, device: torch.device, dtype: torch.dtype) -> "SDXLAdapter":
+    vae = {"latent_channels": preset.latent_channels, "block_out_channels": [1] * preset.vae_factor.bit_length(),
+           "scaling_factor": 0.13025}
+    return SDXLAdapter(preset.config, resolution=resolution, vae=vae, zero_unconditional=True,
+                       uncond_tokens=preset.text_tokens, device=device, dtype=dtype, source=f"preset {preset.name}")
+
+
+def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict:
+    r = float(resolution)
+    return {"sample": x, "timestep": t * 999.0, "encoder_hidden_states": cond.tensors["prompt_embeds"],
+            "added_cond_kwargs": {"text_embeds": cond.tensors["pooled_prompt_embeds"],
+                                  "time_ids": torch.tensor([[r, r, 0, 0, r, r]], device=device,
+                                                           dtype=dtype).repeat(x.shape[0], 1)},
+            "return_dict": False}
+
+
 def load_from_config(config, device: torch.device) -> tuple[SDXLAdapter, nn.Module]:
     """SDXL: DDPM schedule from the scheduler config (``teacher.shift`` does not apply and is refused)."""
     from ..build import loader_kwargs
@@ -461,6 +487,7 @@ FAMILY = registry.FamilyDescriptor(
     backbone_folder="unet",
     noise=registry.NoiseRecipe("generator", renoise_float32=False),   # LCM draws in the model dtype
     export=registry.ExportRecipe(scheduler=export_scheduler, step_kwargs=export_step_kwargs),
+    bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs),
     # target_modules: auto = the attention projections diffusers' LoRA training scripts target
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
 )
