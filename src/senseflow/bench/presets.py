@@ -304,15 +304,6 @@ def parameter_bytes(module: nn.Module) -> int:
 # -------------------------------------------------------------------------------------------------
 # method settings per family
 # -------------------------------------------------------------------------------------------------
-#: FLUX.1-dev is guidance-distilled (no unconditional branch): the teacher gets an embedded guidance
-#: value, the guidance-free student / fake score get none.  The value does not change the cost.
-FLUX_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dmd2": {"real_guidance": {"embedded": 3.5}, "fake_guidance": {}},
-    "senseflow": {"real_guidance": {"embedded": 3.5}, "fake_guidance": {}, "isg_guidance": {"embedded": 3.5}},
-    "sid": {"teacher_guidance": {"embedded": 3.5}, "fake_guidance": {}, "fake_train_guidance": {}},
-}
-
-
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
     """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
     out: dict[str, Any] = {}
@@ -326,7 +317,7 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def method_config(name: str, family: str, overrides: dict[str, Any] | None = None):
-    """The method's config (library defaults, FLUX guidance defaults, then ``overrides``; dotted keys nest)."""
+    """The method's config (library defaults, the family's BenchRecipe.method_defaults, then ``overrides``; dotted keys nest)."""
     from pydantic import ValidationError
 
     from ..methods import DMD2Config, SenseFlowConfig, SiDConfig
@@ -334,7 +325,10 @@ def method_config(name: str, family: str, overrides: dict[str, Any] | None = Non
     classes = {"dmd2": DMD2Config, "senseflow": SenseFlowConfig, "sid": SiDConfig}
     if name not in classes:
         raise SenseflowError(f"unknown method {name!r}; available: {', '.join(classes)}")
-    data: dict[str, Any] = dict(FLUX_METHOD_DEFAULTS[name]) if family == "flux" else {}
+    from ..teachers import registry
+
+    bench = registry.get(family).bench     # the family's method defaults (FLUX: embedded guidance)
+    data: dict[str, Any] = dict(bench.method_defaults.get(name, {})) if bench is not None else {}
     for key, value in _nest(overrides or {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -346,5 +340,5 @@ def method_config(name: str, family: str, overrides: dict[str, Any] | None = Non
         raise SenseflowError(f"method setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
 
-__all__ = ["FLUX_METHOD_DEFAULTS", "LatentSpace", "PRESETS", "Preset", "count_parameters", "get_preset",
+__all__ = ["LatentSpace", "PRESETS", "Preset", "count_parameters", "get_preset",
            "method_config", "parameter_bytes"]

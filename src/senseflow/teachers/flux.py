@@ -523,6 +523,16 @@ def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict
     return kwargs
 
 
+#: FLUX.1-dev is guidance-distilled (no unconditional branch): the teacher gets an embedded guidance
+#: value, the guidance-free student / fake score get none.  The value does not change the cost.
+#: (moved from bench/presets.py FLUX_METHOD_DEFAULTS)
+BENCH_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dmd2": {"real_guidance": {"embedded": 3.5}, "fake_guidance": {}},
+    "senseflow": {"real_guidance": {"embedded": 3.5}, "fake_guidance": {}, "isg_guidance": {"embedded": 3.5}},
+    "sid": {"teacher_guidance": {"embedded": 3.5}, "fake_guidance": {}, "fake_train_guidance": {}},
+}
+
+
 def _bench_student_config(preset) -> dict:
     """No guidance embedder in the trainable copies, as the adapter builds them."""
     return {**preset.config, "guidance_embeds": False}
@@ -546,7 +556,7 @@ FAMILY = registry.FamilyDescriptor(
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
                                  call_kwargs=export_call_kwargs),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
-                                student_config=_bench_student_config),
+                                student_config=_bench_student_config, method_defaults=BENCH_METHOD_DEFAULTS),
     # target_modules: auto = the attention projections diffusers' LoRA training scripts target
     lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                   "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),

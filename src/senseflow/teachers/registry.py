@@ -109,6 +109,7 @@ class BenchRecipe:
     backbone_inputs: Callable[..., dict[str, Any]]
     student_config: Callable[..., dict[str, Any]] | None = None
     conditioning: Callable[..., Any] | None = None   # (preset, batch, generator, device, dtype); default: embeds
+    method_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)   # method -> config defaults
     model_cls: Callable[[], Any] | None = None
     from_config: bool = True
 
