@@ -80,9 +80,12 @@ class TeacherConfig(StrictModel):
 
     @model_validator(mode="after")
     def _factory(self) -> "TeacherConfig":
-        if self.family == "custom" and not self.factory:
+        from .teachers import registry
+
+        built_by_factory = registry.get(self.family).factory   # the family's descriptor (custom: True)
+        if built_by_factory and not self.factory:
             raise ValueError("family 'custom' needs teacher.factory = 'package.module:function'")
-        if self.family != "custom" and self.factory:
+        if not built_by_factory and self.factory:
             raise ValueError("teacher.factory is only used with family 'custom'")
         return self
 
@@ -183,9 +186,12 @@ class Config(StrictModel):
     def check_paths(self) -> None:
         """Fail (one line) on inputs that do not exist, before a run directory is created."""
         teacher = self.paths.teacher
-        if not teacher.startswith(BUILTIN_PREFIX) and self.teacher.family != "custom" and not Path(teacher).is_dir():
+        from .teachers import registry
+
+        folder = not teacher.startswith(BUILTIN_PREFIX) and not registry.get(self.teacher.family).factory
+        if folder and not Path(teacher).is_dir():
             raise SenseflowError(f"paths.teacher: {teacher!r} is not a directory; point it at a local diffusers folder")
-        if not teacher.startswith(BUILTIN_PREFIX) and self.teacher.family != "custom":
+        if folder:
             from .teachers.loading import check_folder_family
             check_folder_family(teacher, self.teacher.family)
         for key in ("prompts", "eval_prompts"):

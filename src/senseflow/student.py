@@ -137,7 +137,9 @@ def teacher_config(spec: StudentSpec, teacher: str | os.PathLike | None = None):
         section["options"] = options
     data = {"paths": {"teacher": teacher_path}, "teacher": section, "method": {"name": "dmd2"}}
     config = validate(data)
-    if not teacher_path.startswith("builtin:") and spec.family != "custom":
+    from .teachers.registry import get as family
+
+    if not teacher_path.startswith("builtin:") and not family(spec.family).factory:
         p = Path(os.path.expanduser(teacher_path))
         if not p.is_dir():
             raise SenseflowError(f"teacher folder {teacher_path!r} (recorded in {spec.folder / STUDENT_META}) does "

@@ -284,7 +284,7 @@ def load_from_config(config, device: torch.device) -> tuple[ModelAdapter, nn.Mod
 
 #: a factory called with ``device="meta"`` builds its network without weights (broadcast_from_rank0)
 FAMILY = registry.FamilyDescriptor(
-    name="custom", label="custom", load=load_from_config, builds_on_meta=True,
+    name="custom", label="custom", load=load_from_config, factory=True, builds_on_meta=True,
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
                                conditioning=_bench_conditioning, model_cls=lambda: TinyConditionalNet,
                                from_config=False),

@@ -129,6 +129,7 @@ class FamilyDescriptor:
     noise: NoiseRecipe = DEFAULT_NOISE
     export: ExportRecipe | None = None
     bench: BenchRecipe | None = None
+    factory: bool = False                      # built by ``teacher.factory`` (paths.teacher need not be a folder)
     builds_on_meta: bool = False               # the loader itself can build the backbone on the meta device
     extra: Mapping[str, Any] = field(default_factory=dict)
 
