@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import BUILTIN_PREFIX, TOY_WORLDS, Config
+from .config import TOY_WORLDS, Config
 from .data.prompts import PromptStream, load_prompts
 from .generator import FewStepGenerator
 from .methods import DistillationModels, Method, build_method
@@ -20,35 +20,27 @@ from .train.trainer import SampleSpec
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 TeacherLoader = Callable[[Config, torch.device], tuple[ModelAdapter, nn.Module]]
-_LOADERS: dict[str, TeacherLoader] = {}
 
 
 def register_family(name: str) -> Callable[[TeacherLoader], TeacherLoader]:
-    """Register a loader ``(config, device) -> (adapter, teacher_backbone)`` for a teacher family."""
+    """Register a loader ``(config, device) -> (adapter, teacher_backbone)`` for a teacher family.
+
+    Kept for code written before :mod:`senseflow.teachers.registry`: it registers a
+    :class:`~senseflow.teachers.registry.FamilyDescriptor` holding only the loader (a family with
+    a full descriptor -- pipeline, LoRA targets, export -- registers that instead).
+    """
+    from dataclasses import replace
+
+    from .teachers import registry
+
     def deco(fn: TeacherLoader) -> TeacherLoader:
-        _LOADERS[name] = fn
+        old = registry.registered(name)
+        registry.register(replace(old, load=fn) if old is not None else registry.FamilyDescriptor(name, load=fn))
         return fn
     return deco
 
 
-@register_family("custom")
-def _load_custom(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
-    from .teachers.custom import call_factory, load_factory
-
-    path = None if config.paths.teacher.startswith(BUILTIN_PREFIX) else config.paths.teacher
-    kwargs = {"path": path, "resolution": config.teacher.resolution, "device": device}
-    if config.teacher.shift is not None:
-        kwargs["shift"] = config.teacher.shift
-    spec = config.teacher.factory
-    fixed = sorted(set(config.teacher.options) & set(kwargs))
-    if fixed:
-        raise SenseflowError(f"teacher.options.{fixed[0]}: set by senseflow (paths.teacher, teacher.resolution, "
-                             f"train.device, teacher.shift); remove it from teacher.options")
-    kwargs.update(config.teacher.options)
-    return call_factory(load_factory(spec), spec, kwargs)
-
-
-def _loader_kwargs(config: Config, device: torch.device, **family_defaults) -> dict:
+def loader_kwargs(config: Config, device: torch.device, **family_defaults) -> dict:
     """Arguments every family loader takes, plus ``teacher.options`` (which win over the defaults)."""
     if config.paths.cache is not None:  # conditioning comes from the cache: no text encoders in the training loop
         family_defaults["load_text_encoders"] = False
@@ -56,37 +48,7 @@ def _loader_kwargs(config: Config, device: torch.device, **family_defaults) -> d
             **family_defaults, **config.teacher.options}
 
 
-@register_family("sd3")
-def _load_sd3(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
-    from .teachers.sd3 import SD3Adapter
-
-    return SD3Adapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device, shift=config.teacher.shift))
-
-
-@register_family("flux")
-def _load_flux(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
-    """FLUX.1: dynamic ``mu`` from the scheduler config; ``teacher.shift`` (if set) replaces it by a static shift."""
-    from .teachers.flux import FluxAdapter
-
-    return FluxAdapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device, shift=config.teacher.shift))
-
-
-@register_family("sdxl")
-def _load_sdxl(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
-    """SDXL: DDPM schedule from the scheduler config (``teacher.shift`` does not apply and is refused)."""
-    from .teachers.sdxl import SDXLAdapter
-
-    if config.teacher.shift is not None:
-        raise SenseflowError("teacher.shift is a rectified-flow setting; SDXL (DDPM) has no shift: remove it")
-    return SDXLAdapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device))
-
-
-@register_family("sana")
-def _load_sana(config: Config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
-    """SANA / SANA-Sprint: flow or TrigFlow detected from the scheduler; ``teacher.shift`` overrides ``flow_shift``."""
-    from .teachers.sana import SanaAdapter
-
-    return SanaAdapter.from_pretrained(config.paths.teacher, **_loader_kwargs(config, device, shift=config.teacher.shift))
+_loader_kwargs = loader_kwargs
 
 
 def load_teacher(config: Config, device: torch.device, meta: bool = False) -> tuple[ModelAdapter, nn.Module]:
@@ -99,19 +61,17 @@ def load_teacher(config: Config, device: torch.device, meta: bool = False) -> tu
     ``meta`` at once, which frees it before the student and fake-score copies are made (peak: one
     copy per rank instead of three).  The adapter (text encoders, VAE) stays on ``device``.
     """
+    from .teachers import registry
+
+    family = registry.get(config.teacher.family)
     if meta:
-        if config.teacher.family == "custom":
+        if family.builds_on_meta:
             adapter, backbone = load_teacher(config, torch.device("meta"))
         else:
             adapter, backbone = load_teacher(config, device)
         return adapter, backbone.to("meta")
-    family = config.teacher.family
-    if family not in _LOADERS:
-        _import_family(family)
-    if family not in _LOADERS:
-        raise SenseflowError(f"teacher.family {family!r} is not available in this version of senseflow")
     try:
-        adapter, backbone = _LOADERS[family](config, device)
+        adapter, backbone = family.load(config, device)
     except TypeError as exc:  # an unknown key in teacher.options
         if "unexpected keyword argument" in str(exc):
             raise SenseflowError(f"teacher.options: {exc}".replace("from_pretrained() ", "")) from None
@@ -121,22 +81,6 @@ def load_teacher(config: Config, device: torch.device, meta: bool = False) -> tu
     if param is not None and (param.dtype != dtype or param.device != torch.device(device)):
         backbone = backbone.to(device=device, dtype=dtype)
     return adapter, backbone
-
-
-def _import_family(family: str) -> None:
-    """Family modules register themselves on import; import lazily so unused families cost nothing."""
-    import importlib
-
-    module = {"toy": "senseflow.toy.family",
-              "flux": "senseflow.teachers.flux", "sdxl": "senseflow.teachers.sdxl",
-              "sana": "senseflow.teachers.sana"}.get(family)
-    if module is None:
-        return
-    try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not module.startswith(exc.name):
-            raise
 
 
 def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool = False) -> DistillationModels:

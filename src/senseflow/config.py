@@ -68,7 +68,8 @@ class PathsConfig(StrictModel):
 
 
 class TeacherConfig(StrictModel):
-    family: Literal["toy", "sd3", "flux", "sdxl", "sana", "custom"]
+    family: str = Field(description="teacher family: a built-in (toy, sd3, flux, sdxl, sana, custom) or one a package "
+                        "registers (entry points senseflow.families); see senseflow.teachers.registry")
     factory: str | None = Field(None, description="custom family: 'package.module:function' returning (adapter, backbone)")
     resolution: int = Field(1024, ge=8, le=8192, description="training resolution in pixels")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="storage dtype of the frozen teacher")
@@ -77,11 +78,24 @@ class TeacherConfig(StrictModel):
         default_factory=dict, description="family-specific loader options, e.g. FLUX {fake_guidance_embed: true, "
                                           "default_embedded_guidance: 3.5}, SANA {prediction: trigflow}")
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from .teachers import registry
+
+        known = registry.names()
+        if v not in known:
+            raise ValueError(f"unknown family {v!r}; known families: {', '.join(known)}")
+        return v
+
     @model_validator(mode="after")
     def _factory(self) -> "TeacherConfig":
-        if self.family == "custom" and not self.factory:
+        from .teachers import registry
+
+        built_by_factory = registry.get(self.family).factory   # the family's descriptor (custom: True)
+        if built_by_factory and not self.factory:
             raise ValueError("family 'custom' needs teacher.factory = 'package.module:function'")
-        if self.family != "custom" and self.factory:
+        if not built_by_factory and self.factory:
             raise ValueError("teacher.factory is only used with family 'custom'")
         return self
 
@@ -200,8 +214,14 @@ class Config(StrictModel):
     def check_paths(self) -> None:
         """Fail (one line) on inputs that do not exist, before a run directory is created."""
         teacher = self.paths.teacher
-        if not teacher.startswith(BUILTIN_PREFIX) and self.teacher.family != "custom" and not Path(teacher).is_dir():
+        from .teachers import registry
+
+        folder = not teacher.startswith(BUILTIN_PREFIX) and not registry.get(self.teacher.family).factory
+        if folder and not Path(teacher).is_dir():
             raise SenseflowError(f"paths.teacher: {teacher!r} is not a directory; point it at a local diffusers folder")
+        if folder:
+            from .teachers.loading import check_folder_family
+            check_folder_family(teacher, self.teacher.family)
         for key in ("prompts", "eval_prompts"):
             value = getattr(self.paths, key)
             if value is not None and value.startswith(BUILTIN_PREFIX) and value not in TOY_WORLDS:

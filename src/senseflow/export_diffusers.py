@@ -39,102 +39,67 @@ from typing import Any
 
 import torch
 
-from .student import DIFFUSERS_FAMILIES, LoadedStudent, load_student, read_student, teacher_config
+from .student import LoadedStudent, load_student, read_student, teacher_config
 from .teachers.base import SenseflowError
 
 EXPORT_META = "senseflow_export.json"
 LINK_MODES = ("hardlink", "copy", "symlink")
-#: family -> (pipeline class, backbone subfolder)
-PIPELINES: dict[str, tuple[str, str]] = {
-    "sd3": ("StableDiffusion3Pipeline", "transformer"),
-    "flux": ("FluxPipeline", "transformer"),
-    "sdxl": ("StableDiffusionXLPipeline", "unet"),
-    "sana": ("SanaPipeline", "transformer"),
-}
-#: pipeline defaults (senseflow passes a value in the snippet only where the student needs another one)
-PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sd3": {"max_sequence_length": 256},
-    "flux": {"max_sequence_length": 512},
-    "sana": {"max_sequence_length": 300},
-}
+
+
+def __getattr__(name: str):
+    """``PIPELINES`` (family -> (pipeline class, backbone subfolder)) for code written before the registry."""
+    if name == "PIPELINES":
+        from .teachers import registry
+        return {d.name: (d.pipeline_class, d.backbone_folder) for d in registry.descriptors() if d.exports_to_diffusers}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -------------------------------------------------------------------------------------------------
 # schedulers and the pipeline call
 # -------------------------------------------------------------------------------------------------
 def trailing_timesteps(k: int, num_train_timesteps: int = 1000) -> list[int]:
-    """``DDIMScheduler(timestep_spacing="trailing")``'s ``k`` timesteps."""
-    import numpy as np
+    """``DDIMScheduler(timestep_spacing="trailing")``'s ``k`` timesteps (SDXL's; kept here for old imports)."""
+    from .teachers.sdxl import trailing_timesteps as trailing
 
-    return [int(t) for t in (np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / k)) - 1)]
+    return trailing(k, num_train_timesteps)
+
+
+def _recipe(family: str):
+    """The family's :class:`~senseflow.teachers.registry.ExportRecipe` (its descriptor, ``teachers/<family>.py``)."""
+    from .teachers import registry
+
+    desc = registry.find(family)
+    if desc is None or desc.export is None:
+        raise SenseflowError(f"no diffusers scheduler for family {family!r}")
+    return desc.export
 
 
 def make_scheduler(student: LoadedStudent, sampler: str):
     """The stock scheduler whose ``step`` is the student's sampler (see module docstring)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
-
     from .teachers.loading import read_scheduler_config
 
-    family = student.family
-    teacher_sched = read_scheduler_config(student.teacher_path)
-    T = int(teacher_sched.get("num_train_timesteps", 1000))
-    if family in ("sd3", "flux", "sana"):
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0, use_dynamic_shifting=False,
-                                               stochastic_sampling=(sampler == "stochastic"))
-    if family != "sdxl":
-        raise SenseflowError(f"no diffusers scheduler for family {family!r}")
-    ptype = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}[student.adapter.schedule.prediction]
-    common = {"num_train_timesteps": T, "beta_start": float(teacher_sched.get("beta_start", 0.00085)),
-              "beta_end": float(teacher_sched.get("beta_end", 0.012)),
-              "beta_schedule": str(teacher_sched.get("beta_schedule", "scaled_linear")), "prediction_type": ptype,
-              "clip_sample": False, "set_alpha_to_one": True, "thresholding": False}
-    if sampler == "stochastic":
-        # original_inference_steps = T: every integer timestep is on LCM's grid (no warning for 999/749/...)
-        return LCMScheduler(original_inference_steps=T, timestep_spacing="trailing", **common)
-    anchors = [int(round(a)) for a in student.spec.anchors]
-    if anchors != trailing_timesteps(len(anchors), T):
-        raise SenseflowError(f"SDXL students with the euler sampler export only with uniformly spaced anchors "
-                             f"({trailing_timesteps(len(anchors), T)} for {len(anchors)} steps; this one has "
-                             f"{anchors}): no stock diffusers scheduler takes DDIM steps between custom timesteps; "
-                             f"export with --sampler stochastic (LCMScheduler) or use senseflow generate")
-    return DDIMScheduler(timestep_spacing="trailing", steps_offset=0, **common)
+    return _recipe(student.family).scheduler(student, sampler, read_scheduler_config(student.teacher_path))
 
 
 def pipeline_call(student: LoadedStudent, sampler: str) -> dict[str, Any]:
     """The keyword arguments of the stock pipeline call that reproduces ``senseflow generate``."""
-    family, adapter = student.family, student.adapter
+    recipe = _recipe(student.family)
     res = student.spec.resolution
-    anchors = student.spec.anchors
-    call: dict[str, Any] = {"num_inference_steps": len(anchors)}
-    if family in ("sd3", "flux", "sana"):
-        call["sigmas"] = [float(a) for a in anchors]
-    elif family == "sdxl":
-        if sampler == "stochastic":
-            call["timesteps"] = [int(round(a)) for a in anchors]
+    call: dict[str, Any] = {"num_inference_steps": len(student.spec.anchors)}
+    call.update(recipe.step_kwargs(student, sampler))
     call["guidance_scale"] = 1.0
     call["height"] = res
     call["width"] = res
-    if family == "flux":
-        from .teachers.flux import has_guidance_embedding
-        if has_guidance_embedding(student.backbone):     # student_guidance_embed: the adapter's default value
-            call["guidance_scale"] = float(adapter.default_embedded_guidance)
-    if family in PIPELINE_DEFAULTS:
-        msl = int(getattr(adapter, "max_sequence_length", PIPELINE_DEFAULTS[family]["max_sequence_length"]))
-        if msl != PIPELINE_DEFAULTS[family]["max_sequence_length"]:
-            call["max_sequence_length"] = msl
-    if family == "sana":
-        call["use_resolution_binning"] = False
-        from .teachers.sana import DEFAULT_COMPLEX_HUMAN_INSTRUCTION
-        chi = getattr(adapter, "complex_human_instruction", None)
-        if not chi:
-            call["complex_human_instruction"] = None
-        elif tuple(chi) != tuple(DEFAULT_COMPLEX_HUMAN_INSTRUCTION):
-            call["complex_human_instruction"] = list(chi)
+    if recipe.call_kwargs is not None:
+        recipe.call_kwargs(student, call)
     return call
 
 
 def seeding(family: str) -> str:
-    return "global" if family in ("sd3", "flux") else "generator"
+    """Where the family's pipeline draws its noise: ``global`` RNG or the ``generator`` (its NoiseRecipe)."""
+    from .generate import noise_recipe
+
+    return "global" if noise_recipe(family).stream == "global" else "generator"
 
 
 def snippet(folder: str, family: str, call: dict[str, Any], lora: bool) -> str:
@@ -257,8 +222,13 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
     spec.weights_file(weights)            # the requested weight set exists (one-line error otherwise)
     if loaded is not None and weights is not None and weights != loaded.weights:
         raise SenseflowError(f"weights={weights!r} but the student passed as `loaded` holds its {loaded.weights} weights")
-    if spec.family not in DIFFUSERS_FAMILIES:
-        raise SenseflowError(f"export writes a diffusers pipeline folder, which needs an sd3, flux, sdxl or sana "
+    from .teachers import registry
+
+    family = registry.find(spec.family)
+    if family is None or not family.exports_to_diffusers:
+        names = list(registry.diffusers_families())
+        which = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+        raise SenseflowError(f"export writes a diffusers pipeline folder, which needs an {which} "
                              f"teacher; this student's family is {spec.family!r} (use senseflow generate)")
     sampler = sampler or spec.sampler
     if sampler not in ("stochastic", "euler"):
@@ -276,7 +246,7 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
     if index is None:
         raise SenseflowError(f"the teacher folder {teacher_dir} has no model_index.json: export needs the complete "
                              f"diffusers folder the student was trained from")
-    pipe_name, backbone_dir = PIPELINES[spec.family]
+    pipe_name, backbone_dir = family.pipeline_class, family.backbone_folder
     components = _components(index)
     if backbone_dir not in components:
         raise SenseflowError(f"{teacher_dir}/model_index.json lists no {backbone_dir}: not a {pipe_name} folder")
@@ -287,12 +257,8 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
     own = loaded is None
     if loaded is None:
         loaded = load_student(spec.folder, teacher=teacher, device="cpu", dtype=None, weights=weights)
-    if spec.family == "sana" and getattr(loaded.adapter, "prediction", "flow") == "trigflow":
-        raise SenseflowError("SANA-Sprint (TrigFlow) students do not export to a stock pipeline yet: use "
-                             "senseflow generate")
-    if spec.family == "sd3" and getattr(loaded.adapter, "max_sequence_length", 1) == 0:
-        raise SenseflowError("this SD3 student was trained with max_sequence_length=0 (no T5 tokens), which "
-                             "StableDiffusion3Pipeline cannot reproduce: use senseflow generate")
+    if family.export.check is not None:   # what the stock pipeline cannot reproduce (teachers/<family>.py)
+        family.export.check(loaded)
     scheduler = make_scheduler(loaded, sampler)
     call = pipeline_call(loaded, sampler)
     lora = loaded.has_lora and not merge_lora

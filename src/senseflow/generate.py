@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .rng import derive_seed
 from .teachers.base import SenseflowError
+from .teachers.registry import DEFAULT_NOISE as DEFAULT_RECIPE, NoiseRecipe
 
 SAMPLERS = ("stochastic", "euler")
 #: what is written per prompt: a PNG of ``decode(x0)``, or the raw latent ``x0`` (before decode) as
@@ -50,22 +51,22 @@ EXTENSIONS = {"png": ".png", "safetensors": ".safetensors", "npy": ".npy"}
 # -------------------------------------------------------------------------------------------------
 # noise: exactly as the stock pipelines draw it
 # -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class NoiseRecipe:
-    """How the family's stock pipeline draws noise (see module docstring)."""
+def noise_recipe(family: str) -> NoiseRecipe:
+    """How ``family``'s stock pipeline draws noise: the ``noise`` of its descriptor (``teachers/<family>.py``).
 
-    stream: str            # "global": the device's global RNG; "generator": the pipeline's CPU generator
-    packed: bool = False   # re-noise drawn in FLUX's packed token layout
-    renoise_float32: bool = True   # FlowMatch upcasts the sample (float32 draws); LCM draws in the model dtype
+    The family's :class:`NoiseRecipe` (a CPU generator, latent-shaped draws, for a family without one)."""
+    from .teachers import registry
+
+    desc = registry.find(family)
+    return desc.noise if desc is not None else DEFAULT_RECIPE
 
 
-RECIPES: dict[str, NoiseRecipe] = {
-    "sd3": NoiseRecipe("global"),
-    "flux": NoiseRecipe("global", packed=True),
-    "sdxl": NoiseRecipe("generator", renoise_float32=False),
-    "sana": NoiseRecipe("generator"),
-}
-DEFAULT_RECIPE = NoiseRecipe("generator")
+def __getattr__(name: str):
+    """``RECIPES`` (family -> NoiseRecipe) for code written before the registry."""
+    if name == "RECIPES":
+        from .teachers import registry
+        return {d.name: d.noise for d in registry.descriptors()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def image_seed(base_seed: int, index: int) -> int:
@@ -78,7 +79,7 @@ class ImageNoise:
 
     def __init__(self, family: str, seed: int, latent_shape: Sequence[int], device: torch.device,
                  model_dtype: torch.dtype = torch.float32) -> None:
-        self.recipe = RECIPES.get(family, DEFAULT_RECIPE)
+        self.recipe = noise_recipe(family)
         self.shape = tuple(int(s) for s in latent_shape)
         self.device = torch.device(device)
         self.model_dtype = model_dtype
@@ -96,10 +97,8 @@ class ImageNoise:
     def renoise(self) -> Tensor:
         """The fresh noise of one stochastic step, ``[1, *latent_shape]``."""
         dtype = torch.float32 if self.recipe.renoise_float32 else self.model_dtype
-        if self.recipe.packed:
-            from .teachers.flux import unpack_latents
-            c, h, w = self.shape
-            return unpack_latents(self._draw((1, (h // 2) * (w // 2), 4 * c), dtype), h, w)
+        if self.recipe.renoise is not None:   # the pipeline's own layout (FLUX: packed tokens)
+            return self.recipe.renoise(self._draw, self.shape, dtype)
         return self._draw((1, *self.shape), dtype)
 
 
@@ -175,7 +174,7 @@ def _resolve_device(name: str) -> torch.device:
 
 def _record(spec, index: int, prompt: str, base_seed: int, steps: int, sampler: str) -> dict[str, Any]:
     seed = image_seed(base_seed, index)
-    recipe = RECIPES.get(spec.family, DEFAULT_RECIPE)
+    recipe = noise_recipe(spec.family)
     return {"index": index, "prompt": prompt, "seed": seed, "base_seed": int(base_seed), "steps": steps,
             "sampler": sampler, "anchors": spec.anchors[:steps], "family": spec.family,
             "resolution": spec.resolution, "noise": "torch.manual_seed(seed)" if recipe.stream == "global"

@@ -38,18 +38,6 @@ ADAPTER_NAME = "default"
 #: file name diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` looks for
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
-#: ``target_modules: auto`` per backbone class: the attention projections, as in diffusers' LoRA
-#: training scripts (SD3 / FLUX: image and text streams; SDXL: the UNet's attention; SANA: q/k/v/out)
-AUTO_TARGETS: dict[str, tuple[str, ...]] = {
-    "SD3Transformer2DModel": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
-    "FluxTransformer2DModel": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
-    "UNet2DConditionModel": ("to_q", "to_k", "to_v", "to_out.0"),
-    "SanaTransformer2DModel": ("to_q", "to_k", "to_v", "to_out.0"),
-}
-
-
 class LoRAConfig(StrictModel):
     """``generator.lora`` / ``fake_score.lora``: train low-rank adapters instead of the full backbone."""
 
@@ -86,9 +74,11 @@ def resolve_targets(backbone: nn.Module, target_modules: Sequence[str] | str = "
     if target_modules == "all-linear":
         targets = sorted(names)
     elif target_modules == "auto":
-        cls = type(backbone).__name__
-        if cls in AUTO_TARGETS:
-            targets = list(AUTO_TARGETS[cls])
+        from .teachers.registry import family_of_backbone_class
+
+        family = family_of_backbone_class(type(backbone).__name__)   # its descriptor's lora_targets
+        if family is not None and family.lora_targets:
+            targets = list(family.lora_targets)
         else:       # a user's own network: every linear layer
             targets = sorted(names)
     elif isinstance(target_modules, str):
@@ -265,15 +255,6 @@ def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-#: family -> (pipeline class, ``save_lora_weights`` keyword for the backbone's layers)
-LORA_SAVERS: dict[str, tuple[str, str]] = {
-    "sd3": ("StableDiffusion3Pipeline", "transformer"),
-    "flux": ("FluxPipeline", "transformer"),
-    "sdxl": ("StableDiffusionXLPipeline", "unet"),
-    "sana": ("SanaPipeline", "transformer"),
-}
-
-
 def save_diffusers_lora(module: nn.Module, folder: str | os.PathLike, family: str,
                         weight_name: str = LORA_WEIGHT_NAME) -> Path:
     """Write the adapters with the family pipeline's ``save_lora_weights`` (reload: ``pipe.load_lora_weights``).
@@ -282,9 +263,13 @@ def save_diffusers_lora(module: nn.Module, folder: str | os.PathLike, family: st
     """
     import diffusers
 
-    if family not in LORA_SAVERS:
-        raise SenseflowError(f"LoRA export to diffusers supports {sorted(LORA_SAVERS)}, not {family!r}")
-    pipe_name, component = LORA_SAVERS[family]
+    from .teachers import registry
+
+    desc = registry.find(family)
+    if desc is None or desc.pipeline_class is None:
+        supported = sorted(d.name for d in registry.descriptors() if d.pipeline_class is not None)
+        raise SenseflowError(f"LoRA export to diffusers supports {supported}, not {family!r}")
+    pipe_name, component = desc.pipeline_class, desc.backbone_folder   # save_lora_weights' <component>_lora_layers
     state = adapter_state_dict(module)
     meta = lora_meta(module)
     peft_cfg = _peft_config_of(module)

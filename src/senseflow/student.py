@@ -25,8 +25,14 @@ from .generator import FewStepGenerator
 from .teachers.base import Denoiser, ModelAdapter, SenseflowError
 
 RUN_CONFIG = "config.yaml"
-#: families whose students export to a stock diffusers pipeline
-DIFFUSERS_FAMILIES: tuple[str, ...] = ("sd3", "flux", "sdxl", "sana")
+
+
+def __getattr__(name: str):
+    """``DIFFUSERS_FAMILIES`` (families whose students export to a stock pipeline) now comes from the registry."""
+    if name == "DIFFUSERS_FAMILIES":
+        from .teachers.registry import diffusers_families
+        return diffusers_families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -157,7 +163,9 @@ def teacher_config(spec: StudentSpec, teacher: str | os.PathLike | None = None):
         section["options"] = options
     data = {"paths": {"teacher": teacher_path}, "teacher": section, "method": {"name": "dmd2"}}
     config = validate(data)
-    if not teacher_path.startswith("builtin:") and spec.family != "custom":
+    from .teachers.registry import get as family
+
+    if not teacher_path.startswith("builtin:") and not family(spec.family).factory:
         p = Path(os.path.expanduser(teacher_path))
         if not p.is_dir():
             raise SenseflowError(f"teacher folder {teacher_path!r} (recorded in {spec.folder / STUDENT_META}) does "

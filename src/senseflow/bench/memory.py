@@ -417,7 +417,8 @@ def _param_stats(preset_name: str, student: bool) -> ParamStats:
 
 
 def _cond_bytes(preset: Preset, batch: int, dtype: torch.dtype) -> int:
-    n = preset.text_tokens * preset.text_dim + preset.pooled_dim if preset.family != "custom" else preset.text_dim
+    n = preset.text_tokens * preset.text_dim + preset.pooled_dim if preset.bench.conditioning is None \
+        else preset.text_dim   # a family with its own conditioning (custom: one text vector)
     return batch * n * bytes_per_element(dtype)
 
 

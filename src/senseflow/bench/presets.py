@@ -103,14 +103,18 @@ class Preset:
             raise SenseflowError(f"preset {self.name}: resolution {resolution} is not a multiple of {mult}")
 
     @property
+    def bench(self):
+        """The family's :class:`~senseflow.teachers.registry.BenchRecipe` (``teachers/<family>.py``)."""
+        from ..teachers import registry
+
+        recipe = registry.get(self.family).bench
+        if recipe is None:
+            raise SenseflowError(f"preset {self.name}: family {self.family!r} has no benchmark recipe")
+        return recipe
+
+    @property
     def resolution_multiple(self) -> int:
-        if self.family == "sd3":
-            return self.vae_factor * int(self.config.get("patch_size", 2))
-        if self.family == "flux":
-            return self.vae_factor * 2
-        if self.family == "sdxl":
-            return self.vae_factor * 2 ** (len(self.config["down_block_types"]) - 1)
-        return 1
+        return self.bench.resolution_multiple(self)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         side = resolution // self.vae_factor
@@ -118,19 +122,12 @@ class Preset:
 
     def image_tokens(self, resolution: int) -> int:
         """Tokens the backbone's attention sees for the image (UNet: latent pixels at full resolution)."""
-        side = resolution // self.vae_factor
-        if self.family == "sd3":
-            p = int(self.config.get("patch_size", 2))
-            return (side // p) ** 2
-        if self.family == "flux":
-            return (side // 2) ** 2
-        return side * side
+        return self.bench.image_tokens(self, resolution)
 
     # -- building ----------------------------------------------------------------------------------
     def model_cls(self) -> type[nn.Module]:
-        if self.family == "custom":
-            from ..teachers.custom import TinyConditionalNet
-            return TinyConditionalNet
+        if self.bench.model_cls is not None:
+            return self.bench.model_cls()
         import diffusers
         return getattr(diffusers, self.model_class)
 
@@ -144,7 +141,7 @@ class Preset:
         cls = self.model_cls()
         config = dict(self.config if config is None else config)
         with torch.device(device):
-            model = cls(**config) if self.family == "custom" else cls.from_config(config)
+            model = cls.from_config(config) if self.bench.from_config else cls(**config)
         if dtype != torch.float32:
             model = _cast(model, dtype)
         return model.eval()
@@ -153,40 +150,14 @@ class Preset:
                      dtype: torch.dtype = torch.float32) -> ModelAdapter:
         """The family's real adapter, configured for latent-space inputs and cached (random) prompts."""
         self.check_resolution(resolution)
-        device = torch.device(device)
-        if self.family == "sd3":
-            from ..teachers.sd3 import SD3Adapter
-            adapter = SD3Adapter(self.config, resolution=resolution,
-                                 vae=LatentSpace(self.latent_channels, self.vae_factor),
-                                 max_sequence_length=0, device=device, dtype=dtype, source=f"preset {self.name}")
-            adapter.set_unconditional(self.conditioning(1, device, dtype, seed=1))
-            return adapter
-        if self.family == "flux":
-            from ..teachers.flux import FluxAdapter
-            vae = {"latent_channels": self.latent_channels, "block_out_channels": [1] * self.vae_factor.bit_length(),
-                   "scaling_factor": 1.0, "shift_factor": 0.0}
-            return FluxAdapter(self.config, resolution=resolution, vae=vae, scheduler_config=self.scheduler,
-                               max_sequence_length=self.text_tokens, device=device, dtype=dtype,
-                               source=f"preset {self.name}")
-        if self.family == "sdxl":
-            from ..teachers.sdxl import SDXLAdapter
-            vae = {"latent_channels": self.latent_channels, "block_out_channels": [1] * self.vae_factor.bit_length(),
-                   "scaling_factor": 0.13025}
-            return SDXLAdapter(self.config, resolution=resolution, vae=vae, zero_unconditional=True,
-                               uncond_tokens=self.text_tokens, device=device, dtype=dtype, source=f"preset {self.name}")
-        from ..schedules import RectifiedFlow
-        from ..teachers.custom import CallableAdapter, HashedWordEncoder
-        blocks = [f"blocks.{i}" for i in range(int(self.config.get("depth", 3)))]
-        return CallableAdapter(RectifiedFlow(shift=1.0), self.latent_shape(resolution),
-                               prompt_encoder=HashedWordEncoder(dim=self.text_dim), blocks=blocks,
-                               output_norm="norm_out")
+        return self.bench.make_adapter(self, resolution, torch.device(device), dtype)
 
     def conditioning(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                      seed: int = 0) -> Conditioning:
         """Random prompt conditioning of the right shapes (what a prompt cache would hold)."""
         g = torch.Generator().manual_seed(seed)
-        if self.family == "custom":
-            return Conditioning({"text": torch.randn(batch, self.text_dim, generator=g).to(device, dtype)})
+        if self.bench.conditioning is not None:   # a family with its own conditioning layout (custom)
+            return self.bench.conditioning(self, batch, g, device, dtype)
         tensors = {"prompt_embeds": torch.randn(batch, self.text_tokens, self.text_dim, generator=g),
                    "pooled_prompt_embeds": torch.randn(batch, self.pooled_dim, generator=g)}
         cond = Conditioning({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()})
@@ -203,33 +174,12 @@ class Preset:
         cond = self.conditioning(batch, device, dtype)
         x = torch.zeros(batch, c, h, w, device=device, dtype=dtype)
         t = torch.full((batch,), 0.5, device=device, dtype=torch.float32)
-        if self.family == "sd3":
-            return {"hidden_states": x, "timestep": t * 1000.0,
-                    "encoder_hidden_states": cond.tensors["prompt_embeds"],
-                    "pooled_projections": cond.tensors["pooled_prompt_embeds"], "return_dict": False}
-        if self.family == "flux":
-            from ..teachers.flux import latent_image_ids, pack_latents
-            kwargs = {"hidden_states": pack_latents(x), "timestep": t,
-                      "pooled_projections": cond.tensors["pooled_prompt_embeds"],
-                      "encoder_hidden_states": cond.tensors["prompt_embeds"],
-                      "txt_ids": torch.zeros(self.text_tokens, 3, device=device),
-                      "img_ids": latent_image_ids(h // 2, w // 2, device=device), "return_dict": False}
-            if config.get("guidance_embeds"):
-                kwargs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=torch.float32)
-            return kwargs
-        if self.family == "sdxl":
-            r = float(resolution)
-            return {"sample": x, "timestep": t * 999.0, "encoder_hidden_states": cond.tensors["prompt_embeds"],
-                    "added_cond_kwargs": {"text_embeds": cond.tensors["pooled_prompt_embeds"],
-                                          "time_ids": torch.tensor([[r, r, 0, 0, r, r]], device=device,
-                                                                   dtype=dtype).repeat(batch, 1)},
-                    "return_dict": False}
-        return {"x": x, "t": t.to(dtype), "text": cond.tensors["text"]}
+        return self.bench.backbone_inputs(self, x, t, cond, resolution, device, dtype, config)
 
     def student_config(self) -> dict[str, Any]:
         """Config of the trainable copies (FLUX: no guidance embedder, as the adapter builds them)."""
-        if self.family == "flux":
-            return {**self.config, "guidance_embeds": False}
+        if self.bench.student_config is not None:
+            return self.bench.student_config(self)
         return dict(self.config)
 
     def block_names(self, backbone: nn.Module) -> list[str]:
@@ -354,15 +304,6 @@ def parameter_bytes(module: nn.Module) -> int:
 # -------------------------------------------------------------------------------------------------
 # method settings per family
 # -------------------------------------------------------------------------------------------------
-#: FLUX.1-dev is guidance-distilled (no unconditional branch): the teacher gets an embedded guidance
-#: value, the guidance-free student / fake score get none.  The value does not change the cost.
-FLUX_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dmd2": {"real_guidance": {"embedded": 3.5}, "fake_guidance": {}},
-    "senseflow": {"real_guidance": {"embedded": 3.5}, "fake_guidance": {}, "isg_guidance": {"embedded": 3.5}},
-    "sid": {"teacher_guidance": {"embedded": 3.5}, "fake_guidance": {}, "fake_train_guidance": {}},
-}
-
-
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
     """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
     out: dict[str, Any] = {}
@@ -376,7 +317,7 @@ def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def method_config(name: str, family: str, overrides: dict[str, Any] | None = None):
-    """The method's config (library defaults, FLUX guidance defaults, then ``overrides``; dotted keys nest)."""
+    """The method's config (library defaults, the family's BenchRecipe.method_defaults, then ``overrides``; dotted keys nest)."""
     from pydantic import ValidationError
 
     from ..methods import DMD2Config, SenseFlowConfig, SiDConfig
@@ -384,7 +325,10 @@ def method_config(name: str, family: str, overrides: dict[str, Any] | None = Non
     classes = {"dmd2": DMD2Config, "senseflow": SenseFlowConfig, "sid": SiDConfig}
     if name not in classes:
         raise SenseflowError(f"unknown method {name!r}; available: {', '.join(classes)}")
-    data: dict[str, Any] = dict(FLUX_METHOD_DEFAULTS[name]) if family == "flux" else {}
+    from ..teachers import registry
+
+    bench = registry.get(family).bench     # the family's method defaults (FLUX: embedded guidance)
+    data: dict[str, Any] = dict(bench.method_defaults.get(name, {})) if bench is not None else {}
     for key, value in _nest(overrides or {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -396,5 +340,5 @@ def method_config(name: str, family: str, overrides: dict[str, Any] | None = Non
         raise SenseflowError(f"method setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
 
-__all__ = ["FLUX_METHOD_DEFAULTS", "LatentSpace", "PRESETS", "Preset", "count_parameters", "get_preset",
+__all__ = ["LatentSpace", "PRESETS", "Preset", "count_parameters", "get_preset",
            "method_config", "parameter_bytes"]

@@ -251,10 +251,34 @@ class Denoiser(nn.Module):
         return self.adapter.schedule
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance: Guidance | None = None) -> Tensor:
-        return self.adapter.predict_x0(self.backbone, x_t, t, cond, guidance)
+        with storage_autocast(self.backbone):
+            return self.adapter.predict_x0(self.backbone, x_t, t, cond, guidance)
 
     def native(self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance: Guidance | None = None) -> Tensor:
-        return self.adapter.predict_native(self.backbone, x_t, t, cond, guidance)
+        with storage_autocast(self.backbone):
+            return self.adapter.predict_native(self.backbone, x_t, t, cond, guidance)
+
+
+def storage_autocast(module: nn.Module):
+    """Inside an autocast region, a network STORED in another half type computes in its own dtype.
+
+    Autocast (``train.precision: amp_bf16``) exists to run fp32 master weights in bfloat16.  A
+    network whose weights are already stored in a half type chose its compute dtype with
+    ``teacher.dtype`` (SDXL's recipes: a float16 teacher).  Left to a bfloat16 autocast, its float16
+    inputs and parameters meet bfloat16 activations: autocast's type-promoting ops refuse the mix
+    (``torch.cat`` of SDXL's ``text_embeds`` with its time embedding: "Unexpected floating ScalarType
+    in at::autocast::prioritize") and CPU norms refuse float16 weights on bfloat16 inputs.  Such a
+    network runs under an autocast of its own dtype instead; fp32 networks and networks stored in
+    the autocast dtype are unaffected, and outside autocast this does nothing.
+    """
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if p is None or p.dtype not in (torch.float16, torch.bfloat16):
+        return contextlib.nullcontext()
+    device_type = p.device.type
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type) \
+            or torch.get_autocast_dtype(device_type) == p.dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=p.dtype)
 
 
 def freeze(module: nn.Module) -> nn.Module:

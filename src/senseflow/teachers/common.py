@@ -48,3 +48,28 @@ class DiffusersFolderAdapter(ModelAdapter):
         if len(cond) != 1:
             raise SenseflowError(f"the unconditional embedding must have batch size 1, got {len(cond)}")
         self._uncond = cond.detach().to(self.device)
+
+
+# -------------------------------------------------------------------------------------------------
+# export to a stock pipeline: what the rectified-flow families (SD3, FLUX, SANA) share
+# -------------------------------------------------------------------------------------------------
+def flow_export_scheduler(student, sampler: str, teacher_scheduler: dict):
+    """``FlowMatchEulerDiscreteScheduler`` with ``shift=1`` and no dynamic shifting: the student's NATIVE
+    sigmas are passed as ``sigmas=`` (moved from ``export_diffusers.make_scheduler``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    T = int(teacher_scheduler.get("num_train_timesteps", 1000))
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=1.0, use_dynamic_shifting=False,
+                                           stochastic_sampling=(sampler == "stochastic"))
+
+
+def flow_step_kwargs(student, sampler: str) -> dict:
+    """The pipeline call's ``sigmas=``: the student's native anchors."""
+    return {"sigmas": [float(a) for a in student.spec.anchors]}
+
+
+def max_sequence_length_kwarg(adapter, call: dict, pipeline_default: int) -> None:
+    """Pass ``max_sequence_length`` only where the adapter's differs from the pipeline's default."""
+    msl = int(getattr(adapter, "max_sequence_length", pipeline_default))
+    if msl != pipeline_default:
+        call["max_sequence_length"] = msl

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, RectifiedFlow
+from . import registry
 from .base import Conditioning, FeatureTap, ModelAdapter, SenseflowError
 
 PromptEncoder = Callable[[Sequence[str]], Mapping[str, Tensor]]
@@ -256,3 +257,58 @@ def tiny_vector_example(path: str | None = None, resolution: int = 16, device: t
     adapter = CallableAdapter(RectifiedFlow(shift=shift), shape, prompt_encoder=HashedWordEncoder(seed=seed),
                               blocks=[f"blocks.{i}" for i in range(len(backbone.blocks))], output_norm="norm_out")
     return adapter, backbone
+
+
+# -------------------------------------------------------------------------------------------------
+# the family descriptor (senseflow.teachers.registry)
+# -------------------------------------------------------------------------------------------------
+# -- senseflow bench (moved from bench/presets.py Preset methods) ---------------------------------------
+def _bench_multiple(preset) -> int:
+    return 1
+
+
+def _bench_tokens(preset, resolution: int) -> int:
+    side = resolution // preset.vae_factor
+    return side * side
+
+
+def _bench_adapter(preset, resolution: int, device: torch.device, dtype: torch.dtype) -> CallableAdapter:
+    blocks = [f"blocks.{i}" for i in range(int(preset.config.get("depth", 3)))]
+    return CallableAdapter(RectifiedFlow(shift=1.0), preset.latent_shape(resolution),
+                           prompt_encoder=HashedWordEncoder(dim=preset.text_dim), blocks=blocks,
+                           output_norm="norm_out")
+
+
+def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict:
+    return {"x": x, "t": t.to(dtype), "text": cond.tensors["text"]}
+
+
+def _bench_conditioning(preset, batch: int, g: torch.Generator, device, dtype) -> Conditioning:
+    return Conditioning({"text": torch.randn(batch, preset.text_dim, generator=g).to(device, dtype)})
+
+
+def load_from_config(config, device: torch.device) -> tuple[ModelAdapter, nn.Module]:
+    """``teacher.factory`` called with the path, resolution, device, shift and ``teacher.options`` (moved from
+    ``build._load_custom``)."""
+    from ..config import BUILTIN_PREFIX
+
+    path = None if config.paths.teacher.startswith(BUILTIN_PREFIX) else config.paths.teacher
+    kwargs = {"path": path, "resolution": config.teacher.resolution, "device": device}
+    if config.teacher.shift is not None:
+        kwargs["shift"] = config.teacher.shift
+    spec = config.teacher.factory
+    fixed = sorted(set(config.teacher.options) & set(kwargs))
+    if fixed:
+        raise SenseflowError(f"teacher.options.{fixed[0]}: set by senseflow (paths.teacher, teacher.resolution, "
+                             f"train.device, teacher.shift); remove it from teacher.options")
+    kwargs.update(config.teacher.options)
+    return call_factory(load_factory(spec), spec, kwargs)
+
+
+#: a factory called with ``device="meta"`` builds its network without weights (broadcast_from_rank0)
+FAMILY = registry.FamilyDescriptor(
+    name="custom", label="custom", load=load_from_config, factory=True, builds_on_meta=True,
+    bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
+                               conditioning=_bench_conditioning, model_cls=lambda: TinyConditionalNet,
+                               from_config=False),
+)

@@ -55,9 +55,9 @@ from torch import Tensor, nn
 
 from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time, flux_mu
-from . import loading
+from . import loading, registry
 from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
-from .common import DiffusersFolderAdapter
+from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 CLIP_CLASS = "CLIPTextModel"
@@ -510,3 +510,93 @@ class FluxAdapter(DiffusersFolderAdapter):
                 f"max_sequence_length={self.max_sequence_length}, "
                 f"student_guidance_embed={self.student_guidance_embed}, fake_guidance_embed={self.fake_guidance_embed}, "
                 f"true_cfg={self.true_cfg})")
+
+
+# -------------------------------------------------------------------------------------------------
+# the family descriptor (senseflow.teachers.registry)
+# -------------------------------------------------------------------------------------------------
+def draw_packed_renoise(draw, shape, dtype: torch.dtype) -> Tensor:
+    """FluxPipeline's re-noise: drawn in the packed token layout ``[1, HW/4, 4C]``, unpacked to ``[1, C, H, W]``
+    (moved from ``generate.ImageNoise.renoise``)."""
+    c, h, w = shape
+    return unpack_latents(draw((1, (h // 2) * (w // 2), 4 * c), dtype), h, w)
+
+
+#: FluxPipeline's default (the export snippet passes a value only where the student needs another one)
+PIPELINE_MAX_SEQUENCE_LENGTH = 512
+
+
+def export_call_kwargs(student, call: dict) -> None:
+    """FluxPipeline arguments beyond the common ones (moved from ``export_diffusers.pipeline_call``)."""
+    if has_guidance_embedding(student.backbone):     # student_guidance_embed: the adapter's default value
+        call["guidance_scale"] = float(student.adapter.default_embedded_guidance)
+    max_sequence_length_kwarg(student.adapter, call, PIPELINE_MAX_SEQUENCE_LENGTH)
+
+
+# -- senseflow bench (moved from bench/presets.py Preset methods) ---------------------------------------
+def _bench_multiple(preset) -> int:
+    return preset.vae_factor * 2
+
+
+def _bench_tokens(preset, resolution: int) -> int:
+    return (resolution // preset.vae_factor // 2) ** 2
+
+
+def _bench_adapter(preset, resolution: int, device: torch.device, dtype: torch.dtype) -> "FluxAdapter":
+    vae = {"latent_channels": preset.latent_channels, "block_out_channels": [1] * preset.vae_factor.bit_length(),
+           "scaling_factor": 1.0, "shift_factor": 0.0}
+    return FluxAdapter(preset.config, resolution=resolution, vae=vae, scheduler_config=preset.scheduler,
+                       max_sequence_length=preset.text_tokens, device=device, dtype=dtype,
+                       source=f"preset {preset.name}")
+
+
+def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict:
+    h, w = x.shape[-2:]
+    kwargs = {"hidden_states": pack_latents(x), "timestep": t,
+              "pooled_projections": cond.tensors["pooled_prompt_embeds"],
+              "encoder_hidden_states": cond.tensors["prompt_embeds"],
+              "txt_ids": torch.zeros(preset.text_tokens, 3, device=device),
+              "img_ids": latent_image_ids(h // 2, w // 2, device=device), "return_dict": False}
+    if config.get("guidance_embeds"):
+        kwargs["guidance"] = torch.full((x.shape[0],), 3.5, device=device, dtype=torch.float32)
+    return kwargs
+
+
+#: FLUX.1-dev is guidance-distilled (no unconditional branch): the teacher gets an embedded guidance
+#: value, the guidance-free student / fake score get none.  The value does not change the cost.
+#: (moved from bench/presets.py FLUX_METHOD_DEFAULTS)
+BENCH_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dmd2": {"real_guidance": {"embedded": 3.5}, "fake_guidance": {}},
+    "senseflow": {"real_guidance": {"embedded": 3.5}, "fake_guidance": {}, "isg_guidance": {"embedded": 3.5}},
+    "sid": {"teacher_guidance": {"embedded": 3.5}, "fake_guidance": {}, "fake_train_guidance": {}},
+}
+
+
+def _bench_student_config(preset) -> dict:
+    """No guidance embedder in the trainable copies, as the adapter builds them."""
+    return {**preset.config, "guidance_embeds": False}
+
+
+def load_from_config(config, device: torch.device) -> tuple[FluxAdapter, nn.Module]:
+    """FLUX.1: dynamic ``mu`` from the scheduler config; ``teacher.shift`` (if set) replaces it by a static shift."""
+    from ..build import loader_kwargs
+
+    return FluxAdapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
+
+
+FAMILY = registry.FamilyDescriptor(
+    name="flux",
+    label="FLUX.1",
+    load=load_from_config,
+    backbone_classes=("FluxTransformer2DModel",),
+    pipeline_class="FluxPipeline",
+    pipeline_prefixes=("Flux",),
+    noise=registry.NoiseRecipe("global", renoise=draw_packed_renoise),   # global RNG, packed re-noise
+    export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
+                                 call_kwargs=export_call_kwargs),
+    bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
+                                student_config=_bench_student_config, method_defaults=BENCH_METHOD_DEFAULTS),
+    # target_modules: auto = the attention projections diffusers' LoRA training scripts target
+    lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+)

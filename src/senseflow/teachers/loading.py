@@ -24,22 +24,6 @@ from torch import nn
 
 from .base import SenseflowError
 
-#: model class -> the adapter family that handles it (for "you pointed the X adapter at a Y" messages)
-FAMILY_OF_CLASS: dict[str, str] = {
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-    "UNet2DConditionModel": "sdxl",
-    "SanaTransformer2DModel": "sana",
-}
-
-#: pipeline class -> family (model_index.json ``_class_name``)
-FAMILY_OF_PIPELINE_PREFIX: dict[str, str] = {
-    "StableDiffusion3": "sd3",
-    "Flux": "flux",
-    "StableDiffusionXL": "sdxl",
-    "Sana": "sana",
-}
-
 #: sets of files any one of which makes a tokenizer folder loadable
 TOKENIZER_FILE_SETS: tuple[tuple[str, ...], ...] = (
     ("tokenizer.json",),                 # every fast tokenizer (CLIP, T5, Gemma, word-level, ...)
@@ -125,12 +109,10 @@ def pipeline_family(index: Mapping[str, Any] | None) -> str | None:
     """The adapter family suggested by ``model_index.json``'s pipeline class, if recognisable."""
     if not index:
         return None
-    name = str(index.get("_class_name") or "")
-    # longest prefix first ("StableDiffusionXL" before a hypothetical "StableDiffusion")
-    for prefix in sorted(FAMILY_OF_PIPELINE_PREFIX, key=len, reverse=True):
-        if name.startswith(prefix):
-            return FAMILY_OF_PIPELINE_PREFIX[prefix]
-    return None
+    from . import registry
+
+    # each family's descriptor lists its pipeline prefixes; the longest matching prefix wins
+    return registry.family_of_pipeline(str(index.get("_class_name") or ""))
 
 
 def read_config(subfolder: str | os.PathLike) -> dict[str, Any]:
@@ -171,7 +153,10 @@ def check_model_class(subfolder: str | os.PathLike, expected: str | Sequence[str
     if found is None:
         raise SenseflowError(f"{sub}/config.json names no model class (no _class_name or architectures): "
                              f"{who} expects {want}; re-save the model with save_pretrained")
-    family = FAMILY_OF_CLASS.get(found)
+    from . import registry
+
+    owner = registry.family_of_backbone_class(found)
+    family = owner.name if owner is not None else None
     fix = (f"this is a {family.upper()} model: use the {family} teacher family" if family
            else f"point {who} at a folder whose {sub.name}/ holds a {want}")
     raise SenseflowError(f"{sub}/config.json is a {found}, but {who} expects {want}: {fix}")
@@ -363,3 +348,18 @@ def require_keys(config: Mapping[str, Any], keys: Iterable[str], where: str | os
     for key in keys:
         if key not in config:
             raise SenseflowError(f"{where}/config.json has no {key}: re-save the model with save_pretrained")
+
+
+def check_folder_family(folder: str | os.PathLike, family: str) -> None:
+    """Refuse (one line, naming both) a teacher folder whose ``model_index.json`` is another family's pipeline.
+
+    Run by ``Config.check_paths`` (so ``senseflow train --dry-run`` catches it before anything is
+    loaded); a folder without ``model_index.json`` or with an unknown pipeline class passes here and
+    is checked by the family's loader.
+    """
+    index = read_model_index(Path(folder))
+    found = pipeline_family(index)
+    if found is not None and found != family:
+        raise SenseflowError(f"paths.teacher: {folder}/model_index.json is a {index.get('_class_name')} (family "
+                             f"{found!r}) but teacher.family is {family!r}: set teacher.family: {found} or point "
+                             f"paths.teacher at a {family} folder")

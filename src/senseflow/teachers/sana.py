@@ -46,9 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, RectifiedFlow, TrigFlow, as_time, expand_like, trigflow_to_flow
-from . import loading
+from . import loading, registry
 from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
-from .common import DiffusersFolderAdapter
+from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
 TRANSFORMER_CLASS = "SanaTransformer2DModel"
 TEXT_ENCODER_CLASSES: tuple[str, ...] = ("Gemma2Model", "Gemma2ForCausalLM")
@@ -422,3 +422,51 @@ class SanaAdapter(DiffusersFolderAdapter):
                 f"schedule={self.schedule}, text_encoder={'yes' if self.text_encoder else 'no'}, "
                 f"max_sequence_length={self.max_sequence_length}, "
                 f"complex_human_instruction={'on' if self.complex_human_instruction else 'off'})")
+
+
+# -------------------------------------------------------------------------------------------------
+# the family descriptor (senseflow.teachers.registry)
+# -------------------------------------------------------------------------------------------------
+#: SanaPipeline's default (the export snippet passes a value only where the student needs another one)
+PIPELINE_MAX_SEQUENCE_LENGTH = 300
+
+
+def export_call_kwargs(student, call: dict) -> None:
+    """SanaPipeline arguments beyond the common ones (moved from ``export_diffusers.pipeline_call``)."""
+    adapter = student.adapter
+    max_sequence_length_kwarg(adapter, call, PIPELINE_MAX_SEQUENCE_LENGTH)
+    call["use_resolution_binning"] = False
+    chi = getattr(adapter, "complex_human_instruction", None)
+    if not chi:
+        call["complex_human_instruction"] = None
+    elif tuple(chi) != tuple(DEFAULT_COMPLEX_HUMAN_INSTRUCTION):
+        call["complex_human_instruction"] = list(chi)
+
+
+def check_export(student) -> None:
+    """Moved from ``export_diffusers.export_diffusers``."""
+    if getattr(student.adapter, "prediction", "flow") == "trigflow":
+        raise SenseflowError("SANA-Sprint (TrigFlow) students do not export to a stock pipeline yet: use "
+                             "senseflow generate")
+
+
+def load_from_config(config, device: torch.device) -> tuple[SanaAdapter, nn.Module]:
+    """SANA / SANA-Sprint: flow or TrigFlow detected from the scheduler; ``teacher.shift`` overrides ``flow_shift``."""
+    from ..build import loader_kwargs
+
+    return SanaAdapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
+
+
+FAMILY = registry.FamilyDescriptor(
+    name="sana",
+    label="SANA",
+    load=load_from_config,
+    backbone_classes=("SanaTransformer2DModel",),
+    pipeline_class="SanaPipeline",
+    pipeline_prefixes=("Sana",),
+    noise=registry.NoiseRecipe("generator"),
+    export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
+                                 call_kwargs=export_call_kwargs, check=check_export),
+    # target_modules: auto = the attention projections diffusers' LoRA training scripts target
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
+)

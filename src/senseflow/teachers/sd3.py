@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time
-from . import loading
+from . import loading, registry
 from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
-from .common import DiffusersFolderAdapter
+from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
 TRANSFORMER_CLASS = "SD3Transformer2DModel"
 CLIP_CLASS = "CLIPTextModelWithProjection"
@@ -426,3 +426,73 @@ class SD3Adapter(DiffusersFolderAdapter):
         return (f"SD3Adapter(source={self.source!r}, resolution={self.resolution}, schedule={self.schedule}, "
                 f"encoders={encs}, vae={'yes' if self.vae is not None else 'no (pixel space)'}, "
                 f"max_sequence_length={self.max_sequence_length})")
+
+
+# -------------------------------------------------------------------------------------------------
+# the family descriptor (senseflow.teachers.registry)
+# -------------------------------------------------------------------------------------------------
+#: StableDiffusion3Pipeline's default (the export snippet passes a value only where the student needs another one)
+PIPELINE_MAX_SEQUENCE_LENGTH = 256
+
+
+def export_call_kwargs(student, call: dict) -> None:
+    """StableDiffusion3Pipeline arguments beyond the common ones (moved from ``export_diffusers.pipeline_call``)."""
+    max_sequence_length_kwarg(student.adapter, call, PIPELINE_MAX_SEQUENCE_LENGTH)
+
+
+def check_export(student) -> None:
+    """Moved from ``export_diffusers.export_diffusers``."""
+    if getattr(student.adapter, "max_sequence_length", 1) == 0:
+        raise SenseflowError("this SD3 student was trained with max_sequence_length=0 (no T5 tokens), which "
+                             "StableDiffusion3Pipeline cannot reproduce: use senseflow generate")
+
+
+# -- senseflow bench (moved from bench/presets.py Preset methods) ---------------------------------------
+def _bench_multiple(preset) -> int:
+    return preset.vae_factor * int(preset.config.get("patch_size", 2))
+
+
+def _bench_tokens(preset, resolution: int) -> int:
+    side = resolution // preset.vae_factor
+    p = int(preset.config.get("patch_size", 2))
+    return (side // p) ** 2
+
+
+def _bench_adapter(preset, resolution: int, device: torch.device, dtype: torch.dtype) -> "SD3Adapter":
+    from ..bench.presets import LatentSpace
+
+    adapter = SD3Adapter(preset.config, resolution=resolution,
+                         vae=LatentSpace(preset.latent_channels, preset.vae_factor),
+                         max_sequence_length=0, device=device, dtype=dtype, source=f"preset {preset.name}")
+    adapter.set_unconditional(preset.conditioning(1, device, dtype, seed=1))
+    return adapter
+
+
+def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict:
+    return {"hidden_states": x, "timestep": t * 1000.0,
+            "encoder_hidden_states": cond.tensors["prompt_embeds"],
+            "pooled_projections": cond.tensors["pooled_prompt_embeds"], "return_dict": False}
+
+
+def load_from_config(config, device: torch.device) -> tuple[SD3Adapter, nn.Module]:
+    """SD3 / SD3.5 (moved from ``build._load_sd3``)."""
+    from ..build import loader_kwargs
+
+    return SD3Adapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
+
+
+FAMILY = registry.FamilyDescriptor(
+    name="sd3",
+    label="SD3 / SD3.5",
+    load=load_from_config,
+    backbone_classes=("SD3Transformer2DModel",),
+    pipeline_class="StableDiffusion3Pipeline",
+    pipeline_prefixes=("StableDiffusion3",),
+    noise=registry.NoiseRecipe("global"),   # latents AND re-noise from the global RNG
+    export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
+                                 call_kwargs=export_call_kwargs, check=check_export),
+    bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs),
+    # target_modules: auto = the attention projections diffusers' LoRA training scripts target
+    lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"),
+)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..released import ReleasedForms
 from ..schedules import DDPM, as_time
-from . import loading
+from . import loading, registry
 from .base import Conditioning, FeatureTap, SenseflowError
 from .common import DiffusersFolderAdapter
 
@@ -417,3 +417,94 @@ class SDXLAdapter(DiffusersFolderAdapter):
     def __repr__(self) -> str:
         return (f"SDXLAdapter(source={self.source!r}, resolution={self.resolution}, schedule={self.schedule}, "
                 f"text_encoders={'yes' if self.clip_encoders else 'no'}, zero_unconditional={self.zero_unconditional})")
+
+
+# -------------------------------------------------------------------------------------------------
+# the family descriptor (senseflow.teachers.registry)
+# -------------------------------------------------------------------------------------------------
+def trailing_timesteps(k: int, num_train_timesteps: int = 1000) -> list[int]:
+    """``DDIMScheduler(timestep_spacing="trailing")``'s ``k`` timesteps (moved from ``export_diffusers``)."""
+    import numpy as np
+
+    return [int(t) for t in (np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / k)) - 1)]
+
+
+def export_scheduler(student, sampler: str, teacher_sched: dict):
+    """SDXL stochastic: ``LCMScheduler`` with explicit timesteps; euler: ``DDIMScheduler`` (trailing), which
+    reproduces uniformly spaced anchors only (moved from ``export_diffusers.make_scheduler``)."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    T = int(teacher_sched.get("num_train_timesteps", 1000))
+    ptype = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}[student.adapter.schedule.prediction]
+    common = {"num_train_timesteps": T, "beta_start": float(teacher_sched.get("beta_start", 0.00085)),
+              "beta_end": float(teacher_sched.get("beta_end", 0.012)),
+              "beta_schedule": str(teacher_sched.get("beta_schedule", "scaled_linear")), "prediction_type": ptype,
+              "clip_sample": False, "set_alpha_to_one": True, "thresholding": False}
+    if sampler == "stochastic":
+        # original_inference_steps = T: every integer timestep is on LCM's grid (no warning for 999/749/...)
+        return LCMScheduler(original_inference_steps=T, timestep_spacing="trailing", **common)
+    anchors = [int(round(a)) for a in student.spec.anchors]
+    if anchors != trailing_timesteps(len(anchors), T):
+        raise SenseflowError(f"SDXL students with the euler sampler export only with uniformly spaced anchors "
+                             f"({trailing_timesteps(len(anchors), T)} for {len(anchors)} steps; this one has "
+                             f"{anchors}): no stock diffusers scheduler takes DDIM steps between custom timesteps; "
+                             f"export with --sampler stochastic (LCMScheduler) or use senseflow generate")
+    return DDIMScheduler(timestep_spacing="trailing", steps_offset=0, **common)
+
+
+def export_step_kwargs(student, sampler: str) -> dict:
+    """LCM takes the student's timesteps; DDIM (euler) spaces its own."""
+    if sampler == "stochastic":
+        return {"timesteps": [int(round(a)) for a in student.spec.anchors]}
+    return {}
+
+
+# -- senseflow bench (moved from bench/presets.py Preset methods) ---------------------------------------
+def _bench_multiple(preset) -> int:
+    return preset.vae_factor * 2 ** (len(preset.config["down_block_types"]) - 1)
+
+
+def _bench_tokens(preset, resolution: int) -> int:
+    side = resolution // preset.vae_factor
+    return side * side
+
+
+def _bench_adapter(preset, resolution: int, device: torch.device, dtype: torch.dtype) -> "SDXLAdapter":
+    vae = {"latent_channels": preset.latent_channels, "block_out_channels": [1] * preset.vae_factor.bit_length(),
+           "scaling_factor": 0.13025}
+    return SDXLAdapter(preset.config, resolution=resolution, vae=vae, zero_unconditional=True,
+                       uncond_tokens=preset.text_tokens, device=device, dtype=dtype, source=f"preset {preset.name}")
+
+
+def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict:
+    r = float(resolution)
+    return {"sample": x, "timestep": t * 999.0, "encoder_hidden_states": cond.tensors["prompt_embeds"],
+            "added_cond_kwargs": {"text_embeds": cond.tensors["pooled_prompt_embeds"],
+                                  "time_ids": torch.tensor([[r, r, 0, 0, r, r]], device=device,
+                                                           dtype=dtype).repeat(x.shape[0], 1)},
+            "return_dict": False}
+
+
+def load_from_config(config, device: torch.device) -> tuple[SDXLAdapter, nn.Module]:
+    """SDXL: DDPM schedule from the scheduler config (``teacher.shift`` does not apply and is refused)."""
+    from ..build import loader_kwargs
+
+    if config.teacher.shift is not None:
+        raise SenseflowError("teacher.shift is a rectified-flow setting; SDXL (DDPM) has no shift: remove it")
+    return SDXLAdapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device))
+
+
+FAMILY = registry.FamilyDescriptor(
+    name="sdxl",
+    label="SDXL",
+    load=load_from_config,
+    backbone_classes=("UNet2DConditionModel",),
+    pipeline_class="StableDiffusionXLPipeline",
+    pipeline_prefixes=("StableDiffusionXL",),
+    backbone_folder="unet",
+    noise=registry.NoiseRecipe("generator", renoise_float32=False),   # LCM draws in the model dtype
+    export=registry.ExportRecipe(scheduler=export_scheduler, step_kwargs=export_step_kwargs),
+    bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs),
+    # target_modules: auto = the attention projections diffusers' LoRA training scripts target
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
+)

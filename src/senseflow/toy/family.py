@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..build import DTYPES, register_family
 from ..config import BUILTIN_PREFIX, Config
+from ..teachers import registry
 from ..teachers.base import SenseflowError
 from .teacher import RESOLUTION, TEACHER_ASSET, load_toy_teacher
 
 
-@register_family("toy")
 def load(config: Config, device: torch.device):
     path = config.paths.teacher
     if path.startswith(BUILTIN_PREFIX):
@@ -24,3 +23,6 @@ def load(config: Config, device: torch.device):
         raise SenseflowError(f"teacher.resolution: the toy teacher works at {RESOLUTION} px, got "
                              f"{config.teacher.resolution}")
     return load_toy_teacher(path, device=device, load_text_encoders=config.paths.cache is None)
+
+
+FAMILY = registry.FamilyDescriptor(name="toy", label="toy", load=load)
