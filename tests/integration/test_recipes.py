@@ -86,6 +86,18 @@ def world(tmp_path_factory):
     return {"root": root, "teacher": teacher}
 
 
+def _tiny_lmdb(teacher: Path, path: Path) -> Path:
+    """A DMD2-style LMDB of random VAE latents for the tiny teacher folder (shape read from its VAE config)."""
+    from senseflow.data.lmdb_data import write_lmdb
+
+    if path.exists():
+        return path
+    vae = json.loads((teacher / "vae" / "config.json").read_text())
+    size = RES // 2 ** (len(vae["block_out_channels"]) - 1)
+    latents = torch.randn(len(PROMPTS), vae["latent_channels"], size, size, generator=torch.Generator().manual_seed(0))
+    return write_lmdb(path, latents, PROMPTS)
+
+
 def tiny_overrides(data: dict, world, out: Path) -> dict:
     """The recipe with only paths, resolution, batch and counts changed (see module docstring)."""
     data = json.loads(json.dumps(data))
@@ -100,7 +112,9 @@ def tiny_overrides(data: dict, world, out: Path) -> dict:
             paths[key] = str(root / "prompts.txt")
     if paths.get("image_text") is not None:
         paths["image_text"] = str(root / "image_text.json")
-    assert paths.get("lmdb") is None and paths.get("cache") is None, "a shipped recipe needs no prebuilt data"
+    assert paths.get("cache") is None, "a shipped recipe needs no prebuilt cache"
+    if paths.get("lmdb") is not None:  # DMD2-style real latents (the SDXL DMD2 recipe's GAN term needs them)
+        paths["lmdb"] = str(_tiny_lmdb(Path(paths["teacher"]), root / f"lmdb_{family}"))
     paths["output"] = str(out)
     disc = data.get("discriminator")
     if disc is not None:
@@ -145,7 +159,7 @@ def test_dry_run_refuses_a_folder_of_another_family(world, tmp_path, capsys):
     """``senseflow train --dry-run``: the SDXL recipe pointed at a FLUX folder fails in one line naming both."""
     flux = world["teacher"]("flux")
     recipe = ROOT / "configs" / "sdxl" / "dmd2.yaml"
-    sets = [f"paths.teacher={flux}", f"paths.prompts={world['root'] / 'prompts.txt'}",
+    sets = [f"paths.teacher={flux}", f"paths.prompts={world['root'] / 'prompts.txt'}", "paths.lmdb=null",
             f"paths.output={tmp_path / 'run'}"]
     code = main(["train", str(recipe), "--dry-run", *[a for s in sets for a in ("--set", s)]])
     err = capsys.readouterr().err.strip()

@@ -359,7 +359,11 @@ def check_folder_family(folder: str | os.PathLike, family: str) -> None:
     """
     index = read_model_index(Path(folder))
     found = pipeline_family(index)
-    if found is not None and found != family:
+    from . import registry
+
+    descriptor = registry.find(family)
+    accepted = {family, *(descriptor.reads_folders_of if descriptor is not None else ())}
+    if found is not None and found not in accepted:
         raise SenseflowError(f"paths.teacher: {folder}/model_index.json is a {index.get('_class_name')} (family "
                              f"{found!r}) but teacher.family is {family!r}: set teacher.family: {found} or point "
                              f"paths.teacher at a {family} folder")

@@ -131,6 +131,7 @@ class FamilyDescriptor:
     bench: BenchRecipe | None = None
     factory: bool = False                      # built by ``teacher.factory`` (paths.teacher need not be a folder)
     builds_on_meta: bool = False               # the loader itself can build the backbone on the meta device
+    reads_folders_of: tuple[str, ...] = ()    # other families whose pipeline folders this one loads (toy: sd3)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -25,4 +25,5 @@ def load(config: Config, device: torch.device):
     return load_toy_teacher(path, device=device, load_text_encoders=config.paths.cache is None)
 
 
-FAMILY = registry.FamilyDescriptor(name="toy", label="toy", load=load)
+#: the toy teacher is a StableDiffusion3Pipeline folder (a tiny SD3Transformer2DModel)
+FAMILY = registry.FamilyDescriptor(name="toy", label="toy", load=load, reads_folders_of=("sd3",))
