@@ -213,14 +213,19 @@ def _save_latent(latent: Tensor, path: Path, fmt: str) -> None:
     os.replace(tmp, path)
 
 
-def _done(out: Path, stem: str, record: dict[str, Any]) -> bool:
-    png, meta = out / f"{stem}{EXTENSIONS[record.get('format', 'png')]}", out / f"{stem}.json"
-    if not (png.is_file() and meta.is_file()):
+def record_matches(output: Path, meta: Path, record: dict[str, Any]) -> bool:
+    """Whether an output file exists with a JSON record equal to ``record`` (the resume rule of
+    ``generate`` and ``evaluate``: an index is done only if it was made with the same settings)."""
+    if not (output.is_file() and meta.is_file()):
         return False
     try:
         return json.loads(meta.read_text()) == record
     except (OSError, ValueError):
         return False
+
+
+def _done(out: Path, stem: str, record: dict[str, Any]) -> bool:
+    return record_matches(out / f"{stem}{EXTENSIONS[record.get('format', 'png')]}", out / f"{stem}.json", record)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -35,13 +35,13 @@ def main() -> None:
             return real_save_file(tensors, filename, metadata=metadata)
         ck.save_file = save_file
     elif where == "renamed":
-        real_write = ck._write_text_atomic
+        real_write = ck.write_text_atomic
 
         def write_text_atomic(path, text):
             if path.name == ck.LATEST and text.strip() == f"step_{step:08d}":
                 kill()
             return real_write(path, text)
-        ck._write_text_atomic = write_text_atomic
+        ck.write_text_atomic = write_text_atomic
     else:
         raise SystemExit(f"unknown kill point {where!r}")
     from senseflow.cli import main as cli_main

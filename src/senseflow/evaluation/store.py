@@ -69,13 +69,9 @@ class ImageStore:
         return self.folder / f"{index:05d}.json"
 
     def done(self, index: int, record: dict[str, Any]) -> bool:
-        png, meta = self.png(index), self.meta(index)
-        if not (png.is_file() and meta.is_file()):
-            return False
-        try:
-            return json.loads(meta.read_text()) == record
-        except (OSError, ValueError):
-            return False
+        from ..generate import record_matches
+
+        return record_matches(self.png(index), self.meta(index), record)
 
     def write(self, index: int, image: np.ndarray, record: dict[str, Any]) -> None:
         write_png_atomic(image, self.png(index))

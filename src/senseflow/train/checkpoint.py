@@ -30,7 +30,8 @@ LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file durably: temp file, fsync, rename (a crash leaves the old file or the new one)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -118,11 +119,11 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], st
 def finalize(tmp: Path, final: Path, meta: dict[str, Any], keep: int) -> Path:
     """Write ``meta.json`` last, rename the complete directory into place, point ``latest`` at it, prune."""
     root = final.parent
-    _write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
+    write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text_atomic(root / LATEST, final.name + "\n")
+    write_text_atomic(root / LATEST, final.name + "\n")
     for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

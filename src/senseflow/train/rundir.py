@@ -24,6 +24,7 @@ import yaml
 
 from ..teachers.base import SenseflowError
 from ..yaml_safe import load_yaml_text
+from .checkpoint import write_text_atomic
 
 CONFIG_FILE = "config.yaml"
 HISTORY_DIR = "config_history"
@@ -132,12 +133,7 @@ def write_config(run_dir: Path, text: str, new: dict[str, Any], step: int) -> No
         shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
         print(f"{path}: config changed ({shown or 'formatting'}); the previous one is kept as {keep}",
               file=sys.stderr, flush=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def clean_stale_tmp(run_dir: Path) -> list[Path]:
