@@ -31,6 +31,7 @@ from senseflow import api  # noqa: E402
 from senseflow.cli import main  # noqa: E402
 from senseflow.config import BUILTIN_PREFIX, load_yaml, validate  # noqa: E402
 from tests.helpers import tiny_models  # noqa: E402
+from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
 diffusers_logging.disable_progress_bar()
 diffusers_logging.set_verbosity_error()
@@ -47,15 +48,6 @@ BUILDERS = {"sd3": tiny_models.make_tiny_sd3_folder, "flux": tiny_models.make_ti
 
 def _rel(p: Path) -> str:
     return str(p.relative_to(ROOT))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny convs are much slower with 2 threads when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,7 @@ from torch import nn
 from senseflow.bench.memory import (SavedTensorCounter, compare_with_run, estimate_memory, phase_plan)
 from senseflow.bench.presets import PRESETS, count_parameters, get_preset, method_config
 from senseflow.bench.runner import RESULT_KEYS, BenchSettings, build_models, flop_counter, run_benchmark
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: intra-op threads only add contention (and the timings are not asserted anyway)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
 
 @pytest.fixture(scope="module")

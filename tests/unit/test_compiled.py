@@ -20,16 +20,9 @@ from senseflow.teachers.base import Denoiser
 from senseflow.train.compiled import compile_blocks, compile_enabled, optimizer_kernels
 from senseflow.train.distributed import checkpoint_blocks
 from senseflow.train.trainer import build_optimizer
+from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

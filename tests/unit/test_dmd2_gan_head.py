@@ -24,15 +24,7 @@ from senseflow.teachers.base import FeatureTap, SenseflowError
 from senseflow.train.checkpoint import load_checkpoint, save_checkpoint
 from senseflow.train.trainer import Trainer
 from tests.helpers.models import PROMPTS, tiny_models
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny convs are much slower with 2 threads when the other core is busy (oneDNN spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
 TAP = {"layer": "blocks.1", "feature_channels": 32, "feature_size": (8, 8)}  # TinyConditionalNet at 8 px
 

@@ -13,14 +13,7 @@ import torch
 
 from senseflow.bench.passes import MINIMUM, PassCounter, count_passes, excess
 from senseflow.bench.runner import BenchSettings, setup
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
 
 def _records(method: str, iterations: int, **overrides):

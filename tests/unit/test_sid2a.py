@@ -17,15 +17,7 @@ from senseflow.schedules import anchors
 from senseflow.teachers.base import Denoiser, Guidance, SenseflowError, capture_outputs, freeze
 from senseflow.train.trainer import Trainer
 from tests.helpers.models import PROMPTS, linear_models, tiny_models
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny convs are ~100x slower with 2 threads when the other core is busy (oneDNN spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
 
 def _clone(rng: RandomStreams) -> RandomStreams:

@@ -20,17 +20,9 @@ from senseflow.train.checkpoint import load_checkpoint, save_checkpoint
 from senseflow.train.trainer import Trainer
 from tests.helpers.models import PROMPTS, tiny_models
 from tests.helpers.tiny_models import make_tiny_clip_text_folder, make_tiny_dinov2_folder
+from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
 DEPTH, PATCH, HIDDEN, PROJ = 4, 4, 32, 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny convs are ~100x slower with 2 threads when the other core is busy (oneDNN spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
