@@ -584,6 +584,119 @@ def load_from_config(config, device: torch.device) -> tuple[FluxAdapter, nn.Modu
     return FluxAdapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
 
 
+# -------------------------------------------------------------------------------------------------
+# the original layouts (``senseflow export --format single-file / kohya-lora``)
+# -------------------------------------------------------------------------------------------------
+def _bfl_modules(config: Mapping[str, Any]) -> tuple[int, int]:
+    inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    return inner, 4 * inner          # FluxSingleTransformerBlock's mlp_ratio is 4
+
+
+def to_original(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The transformer in Black Forest Labs' layout (``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1``).
+
+    The inverse of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``: fused q/k/v (and
+    q/k/v/MLP-in in the single blocks' ``linear1``), RMSNorm ``scale`` keys, the final layer's
+    (shift, scale) modulation.  A student (``guidance_embeds=False``) has no ``guidance_in``, as
+    FLUX.1-schnell's file; ComfyUI's "Load Diffusion Model" reads it (models/diffusion_models).
+    """
+    from ..original_layout import KeyMap, block_ids, swap_halves
+
+    m = KeyMap(state, "FLUX single-file export")
+    for emb, dst in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"),
+                     ("guidance_embedder", "guidance_in")):
+        src = f"time_text_embed.{emb}."
+        if emb != "guidance_embedder" or m.has(src + "linear_1.weight"):
+            m.move(src + "linear_1", dst + ".in_layer")
+            m.move(src + "linear_2", dst + ".out_layer")
+    m.move("context_embedder", "txt_in")
+    m.move("x_embedder", "img_in")
+    for i in block_ids(state, "transformer_blocks"):
+        d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        m.move(d + "norm1.linear", o + "img_mod.lin")
+        m.move(d + "norm1_context.linear", o + "txt_mod.lin")
+        m.fuse([d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], o + "img_attn.qkv")
+        m.fuse([d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"], o + "txt_attn.qkv")
+        m.move(d + "attn.norm_q.weight", o + "img_attn.norm.query_norm.scale")
+        m.move(d + "attn.norm_k.weight", o + "img_attn.norm.key_norm.scale")
+        m.move(d + "attn.norm_added_q.weight", o + "txt_attn.norm.query_norm.scale")
+        m.move(d + "attn.norm_added_k.weight", o + "txt_attn.norm.key_norm.scale")
+        m.move(d + "ff.net.0.proj", o + "img_mlp.0")
+        m.move(d + "ff.net.2", o + "img_mlp.2")
+        m.move(d + "ff_context.net.0.proj", o + "txt_mlp.0")
+        m.move(d + "ff_context.net.2", o + "txt_mlp.2")
+        m.move(d + "attn.to_out.0", o + "img_attn.proj")
+        m.move(d + "attn.to_add_out", o + "txt_attn.proj")
+    for i in block_ids(state, "single_transformer_blocks"):
+        d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        m.move(d + "norm.linear", o + "modulation.lin")
+        m.fuse([d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"], o + "linear1")
+        m.move(d + "attn.norm_q.weight", o + "norm.query_norm.scale")
+        m.move(d + "attn.norm_k.weight", o + "norm.key_norm.scale")
+        m.move(d + "proj_out", o + "linear2")
+    m.move("proj_out", "final_layer.linear")
+    for part in ("weight", "bias"):
+        m.put(f"final_layer.adaLN_modulation.1.{part}", swap_halves(m.take(f"norm_out.linear.{part}")))
+    return m.finish()
+
+
+#: diffusers module (in a double / single block) -> BFL module, for the adapters that map one-to-one
+_KOHYA_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                 "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+                 "ff_context.net.2": "txt_mlp.2", "norm1.linear": "img_mod.lin",
+                 "norm1_context.linear": "txt_mod.lin"}
+_KOHYA_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+_KOHYA_FUSED = {("transformer_blocks", "img_attn.qkv"): ("attn.to_q", "attn.to_k", "attn.to_v"),
+                ("transformer_blocks", "txt_attn.qkv"): ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                ("single_transformer_blocks", "linear1"): ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+
+def to_kohya(pairs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The adapters in kohya-ss sd-scripts' FLUX layout (``lora_unet_double_blocks_0_img_attn_qkv``, ...).
+
+    BFL fuses q/k/v (and the single blocks' MLP-in) into one linear, so adapters on those parts
+    become one block-sparse adapter of the summed rank (:func:`~senseflow.original_layout.fuse_lora`),
+    which diffusers' ``_convert_kohya_flux_lora_to_diffusers`` splits back exactly.  Adapters outside
+    the blocks (embedders, final layer) are refused: that converter does not file them under the
+    transformer, so they could not be checked.
+    """
+    from ..original_layout import fuse_lora, kohya_name, put_kohya
+
+    inner, mlp = _bfl_modules(config)
+    out: dict[str, Tensor] = {}
+    left = dict(pairs)
+    for (blocks, fused), parts in _KOHYA_FUSED.items():
+        ids = sorted({int(k.split(".")[1]) for k in pairs if k.startswith(blocks + ".")
+                      and k.split(".", 2)[2] in parts})
+        for i in ids:
+            names = [f"{blocks}.{i}.{p}" for p in parts]
+            dims = [inner, inner, inner, mlp][:len(parts)]
+            down, up, scale = fuse_lora([left.pop(n, None) for n in names], dims, inner,
+                                        f"FLUX kohya export, {blocks}.{i}")
+            prefix = "double_blocks" if blocks == "transformer_blocks" else "single_blocks"
+            put_kohya(out, kohya_name(f"{prefix}.{i}.{fused}"), down, up, scale)
+    for name, (down, up, scale) in list(left.items()):
+        head, _, rest = name.partition(".")
+        index, _, sub = rest.partition(".")
+        table = {"transformer_blocks": (_KOHYA_DOUBLE, "double_blocks"),
+                 "single_transformer_blocks": (_KOHYA_SINGLE, "single_blocks")}.get(head)
+        if table is None or sub not in table[0]:
+            raise SenseflowError(f"FLUX kohya export: no kohya module diffusers reads back for the adapter on "
+                                 f"{name!r} (kohya FLUX LoRAs cover the double / single blocks; retrain with "
+                                 f"generator.lora.target_modules inside the blocks or use --format diffusers)")
+        put_kohya(out, kohya_name(f"{table[1]}.{index}.{table[0][sub]}"), down, up, scale)
+    return out
+
+
+SINGLE_FILE = registry.SingleFileRecipe(
+    to_original, loader="FluxTransformer2DModel",
+    where="ComfyUI: models/diffusion_models (Load Diffusion Model), with the FLUX.1 CLIP-L / T5 and VAE loaded "
+          "separately; it is guidance-free, like FLUX.1-schnell")
+KOHYA_LORA = registry.KohyaLoraRecipe(
+    to_kohya, where="ComfyUI: models/loras (LoraLoaderModelOnly) on the student base; diffusers: "
+                    "FluxPipeline.load_lora_weights")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="flux",
     label="FLUX.1",
@@ -593,7 +706,8 @@ FAMILY = registry.FamilyDescriptor(
     pipeline_prefixes=("Flux",),
     noise=registry.NoiseRecipe("global", renoise=draw_packed_renoise),   # global RNG, packed re-noise
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs),
+                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE,
+                                 kohya_lora=KOHYA_LORA),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
                                 student_config=_bench_student_config, method_defaults=BENCH_METHOD_DEFAULTS),
     # target_modules: auto = the attention projections diffusers' LoRA training scripts target

@@ -72,6 +72,36 @@ DEFAULT_NOISE = NoiseRecipe("generator")
 
 
 @dataclass(frozen=True)
+class SingleFileRecipe:
+    """The family's original single-file layout (ComfyUI / A1111 / the model's own repo), ``--format single-file``.
+
+    ``to_original(state, config) -> dict``: the backbone's diffusers state dict (and its config) in the
+    original key layout, the exact inverse of the converter diffusers' ``<model_class>.from_single_file``
+    applies (``diffusers/loaders/single_file_utils.py``); it raises ``SenseflowError`` for a weight the
+    layout has no place for.  ``loader``: the diffusers class that reads the file back;
+    ``where``: one line on where UIs load it (shown in the export's README).
+    """
+
+    to_original: Callable[..., dict[str, Any]]
+    loader: str
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class KohyaLoraRecipe:
+    """The family's kohya-ss / A1111 LoRA key layout, ``--format kohya-lora``.
+
+    ``to_kohya(pairs, config) -> dict``: the student's adapters, ``pairs[module] = (down, up, scale)``
+    with ``delta W = scale * up @ down`` (diffusers module names), as kohya tensors
+    (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``) that the family pipeline's
+    own ``load_lora_weights`` converts back.  ``where``: one line on where UIs load it.
+    """
+
+    to_kohya: Callable[..., dict[str, Any]]
+    where: str = ""
+
+
+@dataclass(frozen=True)
 class ExportRecipe:
     """How a student becomes a folder the family's stock diffusers pipeline runs (``senseflow export``).
 
@@ -81,7 +111,9 @@ class ExportRecipe:
     * ``call_kwargs(student, call)``: adds the family's other arguments to ``call`` in place
       (after the common ``guidance_scale``/``height``/``width``);
     * ``check(student)``: refuses (one line) a student the stock pipeline cannot reproduce;
-    * ``seeding``: ``"global"`` (the pipeline draws from the global RNG) or ``"generator"``.
+    * ``seeding``: ``"global"`` (the pipeline draws from the global RNG) or ``"generator"``;
+    * ``single_file`` / ``kohya_lora``: the original layouts UIs load (``None``: the family has none
+      that diffusers reads back, so ``senseflow export`` refuses that format).
     """
 
     scheduler: Callable[..., Any]
@@ -89,6 +121,8 @@ class ExportRecipe:
     call_kwargs: Callable[..., None] | None = None
     check: Callable[..., None] | None = None
     seeding: str = "generator"
+    single_file: SingleFileRecipe | None = None
+    kohya_lora: KohyaLoraRecipe | None = None
 
 
 @dataclass(frozen=True)

@@ -457,6 +457,67 @@ def load_from_config(config, device: torch.device) -> tuple[SanaAdapter, nn.Modu
     return SanaAdapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
 
 
+# -------------------------------------------------------------------------------------------------
+# the original single-file layout (``senseflow export --format single-file``)
+# -------------------------------------------------------------------------------------------------
+#: the original SANA's caption length (``model_max_length: 300``), the rows of ``y_embedder.y_embedding``
+SANA_CAPTION_TOKENS = 300
+
+
+def to_original(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The transformer in NVlabs/Sana's layout (``blocks.N.attn.qkv``, ``blocks.N.cross_attn.kv_linear``, ...).
+
+    The inverse of diffusers' ``convert_sana_transformer_to_diffusers``, which also requires two
+    tensors diffusers drops: ``pos_embed`` (written as the 2-D sin-cos table of the model's grid, what
+    SANA computes at init; unused by ``use_pe=False`` models) and ``y_embedder.y_embedding`` (the
+    caption-dropout embedding of training, written as zeros: a guidance-free student never uses an
+    unconditional caption).  SANA-Sprint's guidance embedder / qk norms have no place in this layout
+    and are refused.
+    """
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from ..original_layout import KeyMap, block_ids
+
+    m = KeyMap(state, "SANA single-file export")
+    if m.has("patch_embed.pos_embed"):
+        m.move("patch_embed.pos_embed", "pos_embed")
+    else:
+        inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        grid = int(config["sample_size"]) // int(config["patch_size"])
+        table = get_2d_sincos_pos_embed(inner, grid, base_size=grid, interpolation_scale=1.0, output_type="pt")
+        m.put("pos_embed", table.float().unsqueeze(0).to(state["patch_embed.proj.weight"].dtype))
+    m.move("patch_embed.proj", "x_embedder.proj")
+    m.move("time_embed.emb.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    m.move("time_embed.emb.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    m.move("time_embed.linear", "t_block.1")
+    fc1 = m.take("caption_projection.linear_1.weight")
+    m.put("y_embedder.y_proj.fc1.weight", fc1)
+    m.move("caption_projection.linear_1.bias", "y_embedder.y_proj.fc1.bias")
+    m.move("caption_projection.linear_2", "y_embedder.y_proj.fc2")
+    m.put("y_embedder.y_embedding", torch.zeros(SANA_CAPTION_TOKENS, fc1.shape[1], dtype=fc1.dtype))
+    m.move("caption_norm.weight", "attention_y_norm.weight")
+    for i in block_ids(state, "transformer_blocks"):
+        d, o = f"transformer_blocks.{i}.", f"blocks.{i}."
+        m.move(d + "scale_shift_table", o + "scale_shift_table")
+        m.fuse([d + "attn1.to_q", d + "attn1.to_k", d + "attn1.to_v"], o + "attn.qkv", bias=False)
+        m.move(d + "attn1.to_out.0", o + "attn.proj")
+        m.move(d + "attn2.to_q", o + "cross_attn.q_linear")
+        m.fuse([d + "attn2.to_k", d + "attn2.to_v"], o + "cross_attn.kv_linear", bias=True)
+        m.move(d + "attn2.to_out.0", o + "cross_attn.proj")
+        m.move(d + "ff.conv_inverted", o + "mlp.inverted_conv.conv")
+        m.move(d + "ff.conv_depth", o + "mlp.depth_conv.conv")
+        m.move(d + "ff.conv_point.weight", o + "mlp.point_conv.conv.weight")
+    m.move("proj_out", "final_layer.linear")
+    m.move("scale_shift_table", "final_layer.scale_shift_table")
+    return m.finish()
+
+
+SINGLE_FILE = registry.SingleFileRecipe(
+    to_original, loader="SanaTransformer2DModel",
+    where="the NVlabs/Sana code base and UIs that load original SANA checkpoints (e.g. ComfyUI extensions); "
+          "the Gemma-2 text encoder and DC-AE are loaded separately")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="sana",
     label="SANA",
@@ -466,7 +527,8 @@ FAMILY = registry.FamilyDescriptor(
     pipeline_prefixes=("Sana",),
     noise=registry.NoiseRecipe("generator"),
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs, check=check_export),
+                                 call_kwargs=export_call_kwargs, check=check_export,
+                                 single_file=SINGLE_FILE),
     # target_modules: auto = the attention projections diffusers' LoRA training scripts target
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
 )

@@ -481,6 +481,65 @@ def load_from_config(config, device: torch.device) -> tuple[SD3Adapter, nn.Modul
     return SD3Adapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
 
 
+# -------------------------------------------------------------------------------------------------
+# the original single-file layout (``senseflow export --format single-file``)
+# -------------------------------------------------------------------------------------------------
+def to_original(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The MMDiT in Stability's layout (``model.diffusion_model.joint_blocks.N.x_block.attn.qkv``, ...).
+
+    The inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``: fused q/k/v, the
+    SD3.5 qk norms (``ln_q`` / ``ln_k``) and dual-attention ``attn2``, the last block's context branch
+    (no output projection / MLP, its modulation in (shift, scale) order) and the final layer's
+    (shift, scale) modulation.  ComfyUI's "Load Diffusion Model" reads it (models/diffusion_models).
+    """
+    from ..original_layout import KeyMap, block_ids, swap_halves
+
+    m = KeyMap(state, "SD3 single-file export")
+    m.move("pos_embed.pos_embed", "pos_embed")
+    m.move("pos_embed.proj", "x_embedder.proj")
+    m.move("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    m.move("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    m.move("context_embedder", "context_embedder")
+    m.move("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")
+    m.move("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2")
+    blocks = block_ids(state, "transformer_blocks")
+    for i in blocks:
+        d, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        last = i == blocks[-1]
+        m.fuse([d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], x + "attn.qkv")
+        m.fuse([d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"], c + "attn.qkv")
+        for src, dst in (("attn.norm_q", x + "attn.ln_q"), ("attn.norm_k", x + "attn.ln_k"),
+                         ("attn.norm_added_q", c + "attn.ln_q"), ("attn.norm_added_k", c + "attn.ln_k")):
+            m.move_if(d + src, dst)
+        m.move(d + "attn.to_out.0", x + "attn.proj")
+        if m.has(d + "attn2.to_q.weight"):
+            m.fuse([d + "attn2.to_q", d + "attn2.to_k", d + "attn2.to_v"], x + "attn2.qkv")
+            m.move_if(d + "attn2.norm_q", x + "attn2.ln_q")
+            m.move_if(d + "attn2.norm_k", x + "attn2.ln_k")
+            m.move(d + "attn2.to_out.0", x + "attn2.proj")
+        m.move(d + "norm1.linear", x + "adaLN_modulation.1")
+        m.move(d + "ff.net.0.proj", x + "mlp.fc1")
+        m.move(d + "ff.net.2", x + "mlp.fc2")
+        if last:   # context_pre_only: AdaLayerNormContinuous, no proj / MLP on the context stream
+            for part in ("weight", "bias"):
+                m.put(c + f"adaLN_modulation.1.{part}", swap_halves(m.take(d + f"norm1_context.linear.{part}")))
+        else:
+            m.move(d + "norm1_context.linear", c + "adaLN_modulation.1")
+            m.move(d + "attn.to_add_out", c + "attn.proj")
+            m.move(d + "ff_context.net.0.proj", c + "mlp.fc1")
+            m.move(d + "ff_context.net.2", c + "mlp.fc2")
+    m.move("proj_out", "final_layer.linear")
+    for part in ("weight", "bias"):
+        m.put(f"final_layer.adaLN_modulation.1.{part}", swap_halves(m.take(f"norm_out.linear.{part}")))
+    return m.finish(prefix="model.diffusion_model.")
+
+
+SINGLE_FILE = registry.SingleFileRecipe(
+    to_original, loader="SD3Transformer2DModel",
+    where="ComfyUI: models/diffusion_models (Load Diffusion Model), with the SD3.5 text encoders and VAE "
+          "loaded separately")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="sd3",
     label="SD3 / SD3.5",
@@ -490,7 +549,8 @@ FAMILY = registry.FamilyDescriptor(
     pipeline_prefixes=("StableDiffusion3",),
     noise=registry.NoiseRecipe("global"),   # latents AND re-noise from the global RNG
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs, check=check_export),
+                                 call_kwargs=export_call_kwargs, check=check_export,
+                                 single_file=SINGLE_FILE),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs),
     # target_modules: auto = the attention projections diffusers' LoRA training scripts target
     lora_targets=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

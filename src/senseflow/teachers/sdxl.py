@@ -494,6 +494,109 @@ def load_from_config(config, device: torch.device) -> tuple[SDXLAdapter, nn.Modu
     return SDXLAdapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device))
 
 
+# -------------------------------------------------------------------------------------------------
+# the original layouts (``senseflow export --format single-file / kohya-lora``)
+# -------------------------------------------------------------------------------------------------
+#: top-level UNet modules, diffusers -> Stability's sgm/LDM ``UNetModel``
+_LDM_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+#: ResnetBlock2D -> ResBlock sub-modules
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def _layers_per_block(config: Mapping[str, Any]) -> int:
+    per = config.get("layers_per_block", 2)
+    if not isinstance(per, int):
+        raise SenseflowError(f"SDXL single-file export: layers_per_block {per!r} varies per block; the LDM layout "
+                             f"diffusers reads back needs one number")
+    return per
+
+
+def ldm_module(name: str, config: Mapping[str, Any]) -> str | None:
+    """A diffusers ``UNet2DConditionModel`` module path in the LDM layout (``input_blocks.4.1.proj_in``), or None.
+
+    The inverse of diffusers' ``convert_ldm_unet_checkpoint`` (and of kohya's sgm block numbering,
+    ``_maybe_map_sgm_blocks_to_diffusers``): down block ``b``'s layer ``j`` is ``input_blocks.1+b(L+1)+j``
+    (``.0`` resnet, ``.1`` attention), its downsampler ``input_blocks.(b+1)(L+1).0.op``; the middle
+    block is resnet / attention / resnet; up block ``b``'s layer ``j`` is ``output_blocks.b(L+1)+j``, its
+    upsampler the last layer's ``.2.conv`` after an attention, ``.1.conv`` otherwise.  Inside the
+    attention (``Transformer2DModel`` = ``SpatialTransformer``) the names are the same.
+    """
+    per = _layers_per_block(config) + 1
+    parts = name.split(".")
+    for src, dst in _LDM_TOP.items():
+        if name == src or name.startswith(src + "."):
+            return dst + name[len(src):]
+
+    def resnet(rest: list[str]) -> str | None:
+        sub = _LDM_RESNET.get(rest[0]) if rest else None
+        return None if sub is None else ".".join([sub, *rest[1:]])
+
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) >= 4:
+        b, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        down = parts[0] == "down_blocks"
+        if kind == "downsamplers" and down and rest[:1] == ["conv"]:
+            return ".".join([f"input_blocks.{(b + 1) * per}.0.op", *rest[1:]])
+        if kind == "upsamplers" and not down and rest[:1] == ["conv"]:
+            types = config.get("up_block_types") or ()
+            with_attn = b < len(types) and "CrossAttn" in types[b]
+            return ".".join([f"output_blocks.{b * per + per - 1}.{2 if with_attn else 1}.conv", *rest[1:]])
+        layer = f"input_blocks.{1 + b * per + j}" if down else f"output_blocks.{b * per + j}"
+        if kind == "resnets":
+            sub = resnet(rest)
+            return None if sub is None else f"{layer}.0.{sub}"
+        if kind == "attentions":
+            return ".".join([f"{layer}.1", *rest])
+        return None
+    if parts[0] == "mid_block" and len(parts) >= 3:
+        kind, k, rest = parts[1], int(parts[2]), parts[3:]
+        if kind == "resnets" and k in (0, 1):
+            sub = resnet(rest)
+            return None if sub is None else f"middle_block.{2 * k}.{sub}"
+        if kind == "attentions" and k == 0:
+            return ".".join(["middle_block.1", *rest])
+    return None
+
+
+def to_original(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The UNet in the LDM layout (``model.diffusion_model.input_blocks...``): SDXL base checkpoints' UNet part.
+
+    Every weight is renamed by :func:`ldm_module` (no tensor changes: ``use_linear_projection`` UNets
+    keep linear ``proj_in`` / ``proj_out`` in both layouts).
+    """
+    from ..original_layout import KeyMap
+
+    if config.get("addition_embed_type") not in (None, "text_time") or config.get("class_embed_type"):
+        raise SenseflowError("SDXL single-file export: this UNet's class / addition embedding has no place in the "
+                             "SDXL LDM layout (use --format diffusers)")
+    m = KeyMap(state, "SDXL single-file export")
+    for key in list(state):
+        module, _, param = key.rpartition(".")
+        target = ldm_module(module, config)
+        if target is not None:
+            m.move(key, f"{target}.{param}")
+    return m.finish(prefix="model.diffusion_model.")
+
+
+def to_kohya(pairs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """kohya-ss sd-scripts' SDXL layout: ``lora_unet_`` + the LDM module path with ``_`` (sd-scripts trains
+    SDXL on the sgm UNet), e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``."""
+    from ..original_layout import rename_pairs
+
+    return rename_pairs(pairs, lambda module: ldm_module(module, config), "SDXL kohya export")
+
+
+SINGLE_FILE = registry.SingleFileRecipe(
+    to_original, loader="UNet2DConditionModel",
+    where="ComfyUI: models/diffusion_models (Load Diffusion Model / UNETLoader), with the SDXL CLIPs and VAE "
+          "loaded separately")
+KOHYA_LORA = registry.KohyaLoraRecipe(
+    to_kohya, where="ComfyUI: models/loras (LoraLoaderModelOnly); A1111 / Forge: models/Lora (<lora:NAME:1>); "
+                    "diffusers: StableDiffusionXLPipeline.load_lora_weights")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="sdxl",
     label="SDXL",
@@ -503,7 +606,8 @@ FAMILY = registry.FamilyDescriptor(
     pipeline_prefixes=("StableDiffusionXL",),
     backbone_folder="unet",
     noise=registry.NoiseRecipe("generator", renoise_float32=False),   # LCM draws in the model dtype
-    export=registry.ExportRecipe(scheduler=export_scheduler, step_kwargs=export_step_kwargs),
+    export=registry.ExportRecipe(scheduler=export_scheduler, step_kwargs=export_step_kwargs,
+                                 single_file=SINGLE_FILE, kohya_lora=KOHYA_LORA),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs),
     # target_modules: auto = the attention projections diffusers' LoRA training scripts target
     lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
