@@ -24,6 +24,16 @@ def _export(args: argparse.Namespace) -> int:
 
     from .export_diffusers import EXPORT_META, export_diffusers
 
+    if args.format != "diffusers":
+        from .export_original import export
+        out = export(args.format, args.student, args.out, teacher=args.teacher, link=args.link,
+                     max_shard_size=args.max_shard_size, dtype=args.dtype, merge_lora=args.merge_lora,
+                     overwrite=args.overwrite, sampler=args.sampler, weights=args.weights)
+        info = json.loads((out / EXPORT_META).read_text())
+        print(f"exported a {info['steps']}-step {info['family']} student as {args.format} to {out / info['file']} "
+              f"({info['where']}); diffusers reads it back with:\n")
+        print(info["snippet"])
+        return 0
     out = export_diffusers(args.student, args.out, teacher=args.teacher, link=args.link,
                            max_shard_size=args.max_shard_size, dtype=args.dtype, merge_lora=args.merge_lora,
                            overwrite=args.overwrite, sampler=args.sampler, weights=args.weights)
@@ -72,7 +82,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "the student's steps. senseflow_export.json and README.md hold the pipeline call that "
                     "reproduces `senseflow generate`.")
     e.add_argument("--student", required=True, metavar="DIR", help="a run's student/ folder, or the run directory")
-    e.add_argument("--out", required=True, metavar="FOLDER", help="the diffusers folder to write")
+    e.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write")
+    e.add_argument("--format", choices=("diffusers", "single-file", "kohya-lora"), default="diffusers",
+                   help="diffusers (default): a stock-pipeline folder; single-file: FOLDER/FOLDER.safetensors, the "
+                        "backbone in the model's original layout (ComfyUI / A1111; LoRA merged); kohya-lora: a LoRA "
+                        "student's adapters in kohya-ss' layout next to the diffusers-format LoRA")
     e.add_argument("--teacher", metavar="FOLDER", help="teacher folder (default: the one recorded in student.json)")
     e.add_argument("--sampler", choices=("stochastic", "euler"), default=None,
                    help="default: the sampler the student was trained with")

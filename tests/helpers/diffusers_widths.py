@@ -14,16 +14,18 @@ import types
 from typing import Callable, Mapping
 
 
+def _const(c, table: Mapping[int, int]):
+    if isinstance(c, types.CodeType):
+        return _code(c, table)
+    if type(c) is tuple:          # constant lists such as [3072, 3072, 3072, 12288] compile to a tuple
+        return tuple(_const(x, table) for x in c)
+    if type(c) is int and c in table:
+        return table[c]
+    return c
+
+
 def _code(code: types.CodeType, table: Mapping[int, int]) -> types.CodeType:
-    consts = []
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            consts.append(_code(c, table))
-        elif type(c) is int and c in table:
-            consts.append(table[c])
-        else:
-            consts.append(c)
-    return code.replace(co_consts=tuple(consts))
+    return code.replace(co_consts=tuple(_const(c, table) for c in code.co_consts))
 
 
 def with_constants(fn: Callable, table: Mapping[int, int]) -> Callable:

@@ -1,0 +1,315 @@
+"""``senseflow export --format single-file | kohya-lora``: diffusers' OWN readers take the files back.
+
+* single-file: export -> ``<Model>.from_single_file(file, config=<export folder>, subfolder=...)``
+  offline -> every weight equals the student's bit for bit, and the family's stock pipeline with that
+  backbone and the exported scheduler reproduces ``senseflow generate`` (max abs diff <= 1e-4, fp32);
+* kohya-lora: ``pipe.load_lora_weights(<kohya file>)`` (diffusers converts kohya -> diffusers) gives the
+  image of the diffusers-format LoRA and of ``senseflow generate``;
+* the layouts at the REAL model sizes (FLUX.1-dev, SDXL base, SD3.5-large) on the meta device:
+  diffusers' unpatched converter maps our file back to the model's exact keys and shapes, and the
+  file has the key names / shapes of the released checkpoints (written here from those files).
+
+diffusers' FLUX.1 converters hard-code FLUX.1's width (3072); for the tiny FLUX the tests run those
+converters with that constant replaced (:mod:`tests.helpers.diffusers_widths`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import diffusers  # noqa: E402
+from diffusers import DiffusionPipeline  # noqa: E402
+from diffusers.loaders import lora_pipeline, single_file_model  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from senseflow.cli import main  # noqa: E402
+from senseflow.export_diffusers import export_diffusers  # noqa: E402
+from senseflow.export_original import export_kohya_lora, export_single_file  # noqa: E402
+from senseflow.generate import image_seed, render  # noqa: E402
+from senseflow.original_layout import fuse_lora  # noqa: E402
+from senseflow.student import load_student  # noqa: E402
+from senseflow.teachers import registry  # noqa: E402
+from senseflow.teachers.base import SenseflowError  # noqa: E402
+from tests.helpers import tiny_models  # noqa: E402
+from tests.helpers.diffusers_widths import flux_widths, with_constants  # noqa: E402
+from tests.helpers.threads import single_thread  # noqa: E402,F401
+from tests.integration.test_generate_export import ATOL, PROMPTS, make_student_run, to_unit  # noqa: E402
+from tests.unit.test_lora import _lora_run  # noqa: E402
+
+diffusers_logging.disable_progress_bar()
+diffusers_logging.set_verbosity_error()
+
+#: the tiny FLUX of tests/helpers/tiny_models.py: 2 heads x 16 = 32 wide, MLP 4 x 32
+TINY_FLUX = flux_widths(32, 128)
+
+
+@pytest.fixture
+def tiny_flux_converters(monkeypatch):
+    """diffusers' FLUX.1 single-file and kohya converters at the tiny model's width."""
+    entry = dict(single_file_model.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"])
+    entry["checkpoint_mapping_fn"] = with_constants(entry["checkpoint_mapping_fn"], TINY_FLUX)
+    monkeypatch.setitem(single_file_model.SINGLE_FILE_LOADABLE_CLASSES, "FluxTransformer2DModel", entry)
+    monkeypatch.setattr(lora_pipeline, "_convert_kohya_flux_lora_to_diffusers",
+                        with_constants(lora_pipeline._convert_kohya_flux_lora_to_diffusers, TINY_FLUX))
+
+
+def _stock(teacher: str, info: dict, prompts, seeds, **components) -> torch.Tensor:
+    """The stock pipeline of ``teacher`` with ``components`` swapped in, called as ``info["call"]`` says."""
+    pipe = DiffusionPipeline.from_pretrained(teacher, **components)
+    return _call(pipe, info, prompts, seeds)
+
+
+def _call(pipe, info: dict, prompts, seeds) -> torch.Tensor:
+    out = []
+    for prompt, seed in zip(prompts, seeds):
+        if info["family"] in ("sd3", "flux"):        # these pipelines draw from the global RNG
+            torch.manual_seed(seed)
+            out.append(pipe(prompt=prompt, output_type="pt", **info["call"]).images.float())
+        else:
+            out.append(pipe(prompt=prompt, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed),
+                            **info["call"]).images.float())
+    return torch.cat(out)
+
+
+def _qkv_key(family: str) -> tuple[str, list[str]]:
+    """One fused weight per family, named as in the released checkpoints, and its diffusers parts."""
+    return {"sd3": ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+                    ["transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_k.weight",
+                     "transformer_blocks.0.attn.to_v.weight"]),
+            "flux": ("single_blocks.1.linear1.weight",
+                     ["single_transformer_blocks.1.attn.to_q.weight", "single_transformer_blocks.1.attn.to_k.weight",
+                      "single_transformer_blocks.1.attn.to_v.weight", "single_transformer_blocks.1.proj_mlp.weight"]),
+            # tiny SDXL: layers_per_block 1, so down block 1's attention is input_blocks.3.1
+            "sdxl": ("model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn1.to_q.weight",
+                     ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"]),
+            "sana": ("blocks.1.cross_attn.kv_linear.weight",
+                     ["transformer_blocks.1.attn2.to_k.weight", "transformer_blocks.1.attn2.to_v.weight"])}[family]
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana"])
+def test_single_file_reads_back_with_from_single_file_and_reproduces(family, tmp_path, capsys, tiny_flux_converters):
+    run = make_student_run(tmp_path, family)
+    out = tmp_path / "student_file"
+    assert main(["export", "--student", str(run), "--out", str(out), "--format", "single-file"]) == 0
+    assert "from_single_file" in capsys.readouterr().out
+    info = json.loads((out / "senseflow_export.json").read_text())
+    path = out / "student_file.safetensors"
+    assert info["file"] == path.name and path.is_file()
+    student = load_student(run, device="cpu")
+    ours = {k: v for k, v in student.backbone.state_dict().items()}
+
+    saved = load_file(str(path))
+    key, parts = _qkv_key(family)
+    assert torch.equal(saved[key], torch.cat([ours[p] for p in parts], dim=0))
+    assert not any(k.startswith(("transformer_blocks.", "down_blocks.", "single_transformer_blocks.")) for k in saved)
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["senseflow"])["steps"] == 4
+
+    backbone = info["backbone"]
+    cls = getattr(diffusers, info["loader"])
+    model = cls.from_single_file(str(path), config=str(out), subfolder=backbone)
+    back = model.state_dict()
+    assert set(back) == set(ours)
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
+
+    scheduler = getattr(diffusers, info["scheduler"]).from_pretrained(str(out), subfolder="scheduler")
+    seeds = [image_seed(7, 0)]
+    stock = _stock(str(tmp_path / "teacher"), info, PROMPTS[:1], seeds, scheduler=scheduler, **{backbone: model})
+    mine = to_unit(render(student, PROMPTS[:1], seeds))
+    assert stock.shape == mine.shape
+    assert (stock - mine).abs().max().item() < ATOL
+
+
+def test_single_file_sd35_variant_round_trips_and_sana_sprint_is_refused(tmp_path):
+    """SD3.5's qk norms and dual attention (attn2) survive the round trip; SANA-Sprint has no place to go."""
+    from senseflow.teachers import sana, sd3
+
+    model = tiny_models.make_sd3_transformer("sd35")
+    ours = model.state_dict()
+    original = sd3.to_original(ours, dict(model.config))
+    assert torch.equal(original["model.diffusion_model.joint_blocks.0.x_block.attn2.ln_q.weight"],
+                       ours["transformer_blocks.0.attn2.norm_q.weight"])
+    # the last block's context modulation is (shift, scale) in the original, (scale, shift) in diffusers
+    last = f"transformer_blocks.{model.config.num_layers - 1}.norm1_context.linear.weight"
+    shift_scale = original[f"model.diffusion_model.joint_blocks.{model.config.num_layers - 1}."
+                           "context_block.adaLN_modulation.1.weight"]
+    half = ours[last].shape[0] // 2
+    assert torch.equal(shift_scale[:half], ours[last][half:]) and torch.equal(shift_scale[half:], ours[last][:half])
+    from safetensors.torch import save_file
+    model.save_config(str(tmp_path / "transformer"))
+    save_file({k: v.contiguous() for k, v in original.items()}, str(tmp_path / "sd35.safetensors"))
+    back = diffusers.SD3Transformer2DModel.from_single_file(str(tmp_path / "sd35.safetensors"), config=str(tmp_path),
+                                                            subfolder="transformer").state_dict()
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+
+    sprint = tiny_models.make_sana_transformer(sprint=True)
+    with pytest.raises(SenseflowError, match="SANA single-file export: .*use --format diffusers"):
+        sana.to_original(sprint.state_dict(), dict(sprint.config))
+
+
+# -------------------------------------------------------------------------------------------------
+# real sizes, on the meta device
+# -------------------------------------------------------------------------------------------------
+#: FLUX.1-dev / SDXL base / SD3.5-large transformer configs (their diffusers config.json, abridged)
+REAL = {
+    "flux": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                            pooled_projection_dim=768, guidance_embeds=True,
+                                            axes_dims_rope=(16, 56, 56))),
+    "sdxl": ("UNet2DConditionModel", dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                                          block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                            "CrossAttnDownBlock2D"),
+                                          up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                          transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                                          use_linear_projection=True, addition_embed_type="text_time",
+                                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)),
+    "sd3": ("SD3Transformer2DModel", dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38,
+                                          attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                                          caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+                                          pos_embed_max_size=192, qk_norm="rms_norm")),
+}
+#: key -> shape in the released single files (flux1-dev.safetensors, sd_xl_base_1.0.safetensors,
+#: sd3.5_large.safetensors); the SDXL upsamplers sit after an attention (``.2.conv``)
+RELEASED = {
+    "flux": {"double_blocks.18.img_attn.qkv.weight": (9216, 3072), "single_blocks.37.linear1.weight": (21504, 3072),
+             "single_blocks.37.linear2.weight": (3072, 15360), "guidance_in.in_layer.weight": (3072, 256),
+             "double_blocks.0.txt_attn.norm.key_norm.scale": (128,), "final_layer.adaLN_modulation.1.weight": (6144, 3072),
+             "img_in.weight": (3072, 64)},
+    "sdxl": {"model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+             "model.diffusion_model.input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+             "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+             "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+             "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+             "model.diffusion_model.output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+             "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+             "model.diffusion_model.out.2.weight": (4, 320, 3, 3)},
+    "sd3": {"model.diffusion_model.joint_blocks.37.context_block.adaLN_modulation.1.weight": (4864, 2432),
+            "model.diffusion_model.joint_blocks.0.x_block.attn.ln_q.weight": (64,),
+            "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (7296, 2432),
+            "model.diffusion_model.pos_embed": (1, 36864, 2432),
+            "model.diffusion_model.final_layer.adaLN_modulation.1.weight": (4864, 2432)},
+}
+
+
+@pytest.mark.parametrize("family", ["flux", "sdxl", "sd3"])
+def test_real_size_layouts_match_released_keys_and_diffusers_reads_them(family):
+    cls_name, config = REAL[family]
+    cls = getattr(diffusers, cls_name)
+    with torch.device("meta"):
+        model = cls(**config)
+    ours = model.state_dict()
+    original = registry.get(family).export.single_file.to_original(ours, dict(model.config))
+    for key, shape in RELEASED[family].items():
+        assert tuple(original[key].shape) == shape, key
+    convert = single_file_model.SINGLE_FILE_LOADABLE_CLASSES[cls_name]["checkpoint_mapping_fn"]   # unpatched
+    back = convert(checkpoint=dict(original), config=dict(model.config))
+    assert set(back) == set(ours)
+    assert all(back[k].shape == ours[k].shape for k in ours)
+
+
+# -------------------------------------------------------------------------------------------------
+# kohya LoRA
+# -------------------------------------------------------------------------------------------------
+def test_fuse_lora_is_the_stacked_deltas():
+    g = torch.Generator().manual_seed(0)
+    a1, b1 = torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g)
+    a3, b3 = torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g)
+    down, up, scale = fuse_lora([(a1, b1, 1.5), None, (a3, b3, 1.5)], [3, 2, 4], 5, "test")
+    assert down.shape == (6, 5) and up.shape == (9, 6) and scale == 1.5
+    expected = torch.cat([b1 @ a1, torch.zeros(2, 5), b3 @ a3])          # the parts' own deltas, stacked
+    assert torch.allclose(up @ down, expected, atol=1e-6)
+    down, up, scale = fuse_lora([(a1, b1, 2.0), (a3, b3[:2], 0.5)], [3, 2], 5, "test")   # scales folded
+    assert scale == 1.0
+    assert torch.allclose(up @ down, torch.cat([2.0 * b1 @ a1, 0.5 * b3[:2] @ a3]), atol=1e-6)
+    with pytest.raises(SenseflowError, match="ranks"):
+        fuse_lora([(a1, b1, 1.0), (torch.randn(3, 5), torch.randn(2, 3), 1.0)], [3, 2], 5, "test")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp_path, tiny_flux_converters):
+    run = _lora_run(tmp_path, family)
+    student = load_student(run)
+    base = export_diffusers(run, tmp_path / "export", loaded=student)
+    out = export_kohya_lora(run, tmp_path / "kohya", loaded=student)
+    kohya = load_file(str(out / "kohya.safetensors"))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in kohya)
+    # rank 4, alpha 8 (scale 2): kohya's alpha / rank must stay 2 -- 8 for a plain module, 24 for FLUX's fused qkv
+    if family == "sdxl":
+        name = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"
+        assert kohya[name + ".alpha"].item() == 8.0
+        assert kohya[name + ".lora_down.weight"].shape == (4, 16)
+    else:
+        name = "lora_unet_double_blocks_0_img_attn_qkv"
+        assert kohya[name + ".alpha"].item() == 24.0
+        assert kohya[name + ".lora_down.weight"].shape == (12, 32) and kohya[name + ".lora_up.weight"].shape == (96, 12)
+        assert kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 32 + 128, 16)
+
+    info = json.loads((base / "senseflow_export.json").read_text())
+    prompt, seed = PROMPTS[1], image_seed(0, 0)
+    pipe = DiffusionPipeline.from_pretrained(str(base))
+    pipe.load_lora_weights(str(out), weight_name="kohya.safetensors")
+    from_kohya = _call(pipe, info, [prompt], [seed])
+    pipe = DiffusionPipeline.from_pretrained(str(base))
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    from_diffusers = _call(pipe, info, [prompt], [seed])
+    assert (from_kohya - from_diffusers).abs().max().item() <= 1e-4
+    ours = to_unit(render(student, [prompt], [seed]))
+    assert (from_kohya - ours).abs().max().item() <= 1e-4
+    if family == "sdxl":          # the adapters matter far beyond the tolerance
+        plain = _call(DiffusionPipeline.from_pretrained(str(base)), info, [prompt], [seed])
+        assert (plain - ours).abs().max().item() > 100 * ATOL
+
+
+def _fails(capsys, argv, *needles) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("senseflow: error:") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
+    run = make_student_run(tmp_path, "sd3")
+    out = tmp_path / "x"
+    base = ["export", "--student", str(run), "--out", str(out)]
+    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3", "flux, sdxl")   # diffusers reads no SD3 kohya
+    _fails(capsys, [*base, "--format", "single-file", "--link", "copy"], "--link", "diffusers")
+    _fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "a.safetensors"), "--format",
+                    "single-file"], "folder")
+    assert not out.exists() and not (tmp_path / "a.safetensors").exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    _fails(capsys, [*base, "--format", "single-file"], "--overwrite")
+    assert (out / "keep.txt").exists()
+    assert main([*base, "--format", "single-file", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "x.safetensors").is_file()
+    assert not list(tmp_path.glob(".x.*"))
+    full = make_student_run(tmp_path / "sdxl", "sdxl")
+    with pytest.raises(SenseflowError, match="no LoRA adapters"):     # a full-weight student has no adapters
+        export_kohya_lora(full, tmp_path / "y")
+    assert not (tmp_path / "y").exists()
+    with pytest.raises(SenseflowError, match="families with one: sd3, flux, sdxl, sana"):
+        export_single_file(run, tmp_path / "z", loaded=_as_family(load_student(run), "toy"))
+    assert not (tmp_path / "z").exists()
+
+
+def _as_family(student, family: str):
+    """The same loaded student, claiming another family (to reach the refusal of a family without a layout)."""
+    import dataclasses
+
+    spec = dataclasses.replace(student.spec, meta={**student.spec.meta, "family": family})
+    return dataclasses.replace(student, spec=spec)
