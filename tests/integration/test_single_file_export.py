@@ -298,6 +298,8 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     assert main([*base, "--format", "single-file", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "x.safetensors").is_file()
     assert not list(tmp_path.glob(".x.*"))
+    assert main([*base, "--format", "single-file", "--overwrite", "--dtype", "bfloat16"]) == 0   # half the bytes
+    assert {v.dtype for v in load_file(str(out / "x.safetensors")).values()} == {torch.bfloat16}
     full = make_student_run(tmp_path / "sdxl", "sdxl")
     with pytest.raises(SenseflowError, match="no LoRA adapters"):     # a full-weight student has no adapters
         export_kohya_lora(full, tmp_path / "y")
