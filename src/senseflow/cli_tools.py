@@ -83,10 +83,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "reproduces `senseflow generate`.")
     e.add_argument("--student", required=True, metavar="DIR", help="a run's student/ folder, or the run directory")
     e.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write")
-    e.add_argument("--format", choices=("diffusers", "single-file", "kohya-lora"), default="diffusers",
+    e.add_argument("--format", choices=("diffusers", "single-file", "checkpoint", "kohya-lora"), default="diffusers",
                    help="diffusers (default): a stock-pipeline folder; single-file: FOLDER/FOLDER.safetensors, the "
-                        "backbone in the model's original layout (ComfyUI / A1111; LoRA merged); kohya-lora: a LoRA "
-                        "student's adapters in kohya-ss' layout next to the diffusers-format LoRA")
+                        "backbone in the model's original layout (ComfyUI Load Diffusion Model; LoRA merged); "
+                        "checkpoint: the same plus the teacher's text encoders and VAE in one file (SDXL: A1111 / "
+                        "Forge, ComfyUI Load Checkpoint); kohya-lora: a LoRA student's adapters in kohya-ss' layout "
+                        "next to the diffusers-format LoRA")
     e.add_argument("--teacher", metavar="FOLDER", help="teacher folder (default: the one recorded in student.json)")
     e.add_argument("--sampler", choices=("stochastic", "euler"), default=None,
                    help="default: the sampler the student was trained with")

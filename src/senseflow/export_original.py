@@ -39,15 +39,19 @@ import torch
 
 from .teachers.base import SenseflowError
 
-FORMATS = ("diffusers", "single-file", "kohya-lora")
+FORMATS = ("diffusers", "single-file", "checkpoint", "kohya-lora")
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 EXPORT_META = "senseflow_export.json"
 
 
-def _families_with(attr: str) -> str:
+def _descriptors():
     from .teachers import registry
 
-    names = [d.name for d in registry.descriptors() if d.export is not None and getattr(d.export, attr) is not None]
+    return registry.descriptors()
+
+
+def _families_with(attr: str) -> str:
+    names = [d.name for d in _descriptors() if d.export is not None and getattr(d.export, attr) is not None]
     return ", ".join(names) if names else "none"
 
 
@@ -132,15 +136,44 @@ def _seeding_lines(family: str, call: dict[str, Any], pipe: str = "pipe") -> lis
     return lines
 
 
+def _teacher_components(teacher_dir: Path, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """The teacher folder's ``names`` components (classes from ``model_index.json``; safetensors only)."""
+    import importlib
+
+    from .teachers.loading import read_model_index
+
+    index = read_model_index(teacher_dir) or {}
+    out = {}
+    for name in names:
+        entry = index.get(name)
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[0] is None or not (teacher_dir / name).is_dir():
+            raise SenseflowError(f"--format checkpoint needs the teacher's {name}/ ({teacher_dir}/model_index.json "
+                                 f"lists none or the folder is missing): copy it from the original model")
+        cls = getattr(importlib.import_module(entry[0]), entry[1])
+        out[name] = cls.from_pretrained(str(teacher_dir / name), use_safetensors=True).eval()
+    return out
+
+
 def export_single_file(student: str | os.PathLike, out: str | os.PathLike, *,
                        teacher: str | os.PathLike | None = None, dtype: str | None = None, overwrite: bool = False,
-                       sampler: str | None = None, weights: str | None = None, loaded=None) -> Path:
-    """Write ``out/<out name>.safetensors``: the student backbone in its family's original layout (see module doc)."""
+                       sampler: str | None = None, weights: str | None = None, loaded=None,
+                       checkpoint: bool = False) -> Path:
+    """Write ``out/<out name>.safetensors``: the student backbone in its family's original layout (see module doc).
+
+    ``checkpoint=True`` (``--format checkpoint``): the whole-model file instead (backbone + the teacher's
+    text encoders and VAE), for UIs that load one checkpoint (A1111 / Forge, ComfyUI "Load Checkpoint").
+    """
     from .export_diffusers import make_scheduler, pipeline_call
     from .student import load_student, teacher_config
 
     spec = _load(student, teacher, weights, loaded)
-    desc, recipe = _recipe(spec.family, "single_file", "single-file")
+    fmt = "checkpoint" if checkpoint else "single-file"
+    desc, recipe = _recipe(spec.family, "single_file", fmt)
+    if checkpoint and recipe.checkpoint is None:
+        names = ", ".join(d.name for d in _descriptors() if d.export is not None and d.export.single_file is not None
+                          and d.export.single_file.checkpoint is not None) or "none"
+        raise SenseflowError(f"--format checkpoint: family {spec.family!r} has no whole-model checkpoint layout that "
+                             f"diffusers reads back; families with one: {names} (use --format single-file)")
     sampler = sampler or spec.sampler
     if sampler not in ("stochastic", "euler"):
         raise SenseflowError(f"--sampler must be 'stochastic' or 'euler', got {sampler!r}")
@@ -159,15 +192,27 @@ def export_single_file(student: str | os.PathLike, out: str | os.PathLike, *,
     from .train.finite import require_finite
     require_finite(state, f"the exported {desc.backbone_folder}")
     original = recipe.to_original(state, dict(backbone.config))    # one-line error on an unmapped weight
+    teacher_dir = Path(config.paths.teacher)
+    if checkpoint:
+        components = _teacher_components(teacher_dir, recipe.checkpoint_components)
+        original = recipe.checkpoint(original, components)
+        del components
     scheduler = make_scheduler(loaded, sampler)
     call = pipeline_call(loaded, sampler)
     name = f"{out.name}.safetensors"
-    info = {"format": "single-file", "family": spec.family, "file": name, "loader": recipe.loader,
+    info = {"format": fmt, "family": spec.family, "file": name,
+            "loader": recipe.checkpoint_loader if checkpoint else recipe.loader,
             "backbone": desc.backbone_folder, "pipeline": desc.pipeline_class, "scheduler": type(scheduler).__name__,
             "sampler": sampler, "steps": len(spec.anchors), "anchors": spec.anchors, "resolution": spec.resolution,
             "teacher": str(config.paths.teacher), "student": str(spec.folder.resolve()), "lora_merged": loaded.has_lora,
-            "call": call, "weights": loaded.weights, "where": recipe.where}
-    code = "\n".join([
+            "call": call, "weights": loaded.weights, "where": recipe.checkpoint_where if checkpoint else recipe.where}
+    sched = type(scheduler).__name__
+    full = ["import json, torch", f"from diffusers import {info['loader']}, {sched}", "",
+            f"scheduler = {sched}.from_pretrained({shown!r}, subfolder=\"scheduler\")",
+            f"pipe = {info['loader']}.from_single_file(\n    {str(Path(shown) / name)!r}, config={info['teacher']!r}, "
+            f"scheduler=scheduler)   # config: the teacher folder (tokenizers, component configs)",
+            *_seeding_lines(spec.family, call)]
+    code = "\n".join(full) if checkpoint else "\n".join([
         "import json, torch",
         f"from diffusers import DiffusionPipeline, {recipe.loader}, {type(scheduler).__name__}", "",
         f"{desc.backbone_folder} = {recipe.loader}.from_single_file(\n    {str(Path(shown) / name)!r}, "
@@ -187,8 +232,9 @@ def export_single_file(student: str | os.PathLike, out: str | os.PathLike, *,
         (tmp / EXPORT_META).write_text(json.dumps(info, indent=2))
         _readme(tmp, info, [
             f"`{name}`: the {info['steps']}-step student of `{info['teacher']}` ({spec.family}) as ONE file in the "
-            f"model's original key layout" + (" (LoRA merged)" if loaded.has_lora else "") + ".",
-            f"Where: {recipe.where}.",
+            f"model's original key layout" + (" (LoRA merged)" if loaded.has_lora else "")
+            + (", with the teacher's " + ", ".join(recipe.checkpoint_components) if checkpoint else "") + ".",
+            f"Where: {info['where']}.",
             f"Sampling: {info['steps']} steps, guidance-free (CFG / guidance 1), the {sampler} sampler with the "
             f"student's {'sigmas' if 'sigmas' in call else 'timesteps'} "
             f"{call.get('sigmas', call.get('timesteps'))}; in a UI pick the same number of steps, CFG 1 and a "
@@ -284,5 +330,6 @@ def export(fmt: str, student: str | os.PathLike, out: str | os.PathLike, **kwarg
         value = kwargs.pop(flag, None)
         if value not in (None, False, "hardlink", "5GB"):
             raise SenseflowError(f"--{flag.replace('_', '-')} applies to --format diffusers only")
-    fn = export_single_file if fmt == "single-file" else export_kohya_lora
-    return fn(student, out, **kwargs)
+    if fmt == "kohya-lora":
+        return export_kohya_lora(student, out, **kwargs)
+    return export_single_file(student, out, checkpoint=fmt == "checkpoint", **kwargs)

@@ -157,6 +157,35 @@ def test_single_file_sd35_variant_round_trips_and_sana_sprint_is_refused(tmp_pat
         sana.to_original(sprint.state_dict(), dict(sprint.config))
 
 
+def test_sdxl_checkpoint_reads_back_as_a_whole_pipeline_and_reproduces(tmp_path, capsys):
+    """``--format checkpoint``: UNet + both CLIPs + VAE in one file; ``StableDiffusionXLPipeline.from_single_file``."""
+    run = make_student_run(tmp_path, "sdxl")
+    out = tmp_path / "sdxl_full"
+    assert main(["export", "--student", str(run), "--out", str(out), "--format", "checkpoint"]) == 0
+    assert "StableDiffusionXLPipeline.from_single_file" in capsys.readouterr().out
+    info = json.loads((out / "senseflow_export.json").read_text())
+    path = out / "sdxl_full.safetensors"
+    saved = load_file(str(path))
+    # the prefixes of sd_xl_base_1.0.safetensors: UNet, CLIP-L (HF names), OpenCLIP bigG, VAE
+    assert {k.split(".")[0] for k in saved} == {"model", "conditioner", "first_stage_model"}
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in saved
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in saved
+    assert saved["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4          # LDM's 1x1 conv
+    teacher = tmp_path / "teacher"
+    scheduler = diffusers.LCMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    pipe = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), config=str(teacher), scheduler=scheduler)
+    student = load_student(run, device="cpu")
+    ours = student.backbone.state_dict()
+    back = pipe.unet.state_dict()
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    reference = DiffusionPipeline.from_pretrained(str(teacher))
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(reference, name).state_dict(), getattr(pipe, name).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    seeds = [image_seed(7, 1)]
+    stock = _call(pipe, info, PROMPTS[1:2], seeds)
+    assert (stock - to_unit(render(student, PROMPTS[1:2], seeds))).abs().max().item() < ATOL
+
 # -------------------------------------------------------------------------------------------------
 # real sizes, on the meta device
 # -------------------------------------------------------------------------------------------------
@@ -288,6 +317,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     base = ["export", "--student", str(run), "--out", str(out)]
     _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3", "flux, sdxl")   # diffusers reads no SD3 kohya
     _fails(capsys, [*base, "--format", "single-file", "--link", "copy"], "--link", "diffusers")
+    _fails(capsys, [*base, "--format", "checkpoint"], "whole-model", "sdxl")
     _fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "a.safetensors"), "--format",
                     "single-file"], "folder")
     assert not out.exists() and not (tmp_path / "a.safetensors").exists()

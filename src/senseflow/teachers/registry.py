@@ -80,11 +80,19 @@ class SingleFileRecipe:
     applies (``diffusers/loaders/single_file_utils.py``); it raises ``SenseflowError`` for a weight the
     layout has no place for.  ``loader``: the diffusers class that reads the file back;
     ``where``: one line on where UIs load it (shown in the export's README).
+
+    ``checkpoint(backbone_original, components) -> dict`` (optional, ``--format checkpoint``): the
+    whole-model file (backbone + the teacher's ``checkpoint_components``, e.g. text encoders and VAE)
+    that ``checkpoint_loader.from_single_file`` (a pipeline class) reads; ``checkpoint_where`` as ``where``.
     """
 
     to_original: Callable[..., dict[str, Any]]
     loader: str
     where: str = ""
+    checkpoint: Callable[..., dict[str, Any]] | None = None
+    checkpoint_components: tuple[str, ...] = ()
+    checkpoint_loader: str | None = None
+    checkpoint_where: str = ""
 
 
 @dataclass(frozen=True)

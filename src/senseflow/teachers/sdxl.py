@@ -580,6 +580,83 @@ def to_original(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[
     return m.finish(prefix="model.diffusion_model.")
 
 
+def _vae_to_ldm(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``AutoencoderKL`` in the LDM layout (inverse of diffusers' ``convert_ldm_vae_checkpoint``): the
+    decoder's up blocks in reverse order, mid-attention projections as 1x1 convs."""
+    from ..original_layout import KeyMap, block_ids
+
+    m = KeyMap(state, "SDXL checkpoint export (VAE)")
+    for side in ("encoder", "decoder"):
+        for name in ("conv_in", "conv_out"):
+            m.move(f"{side}.{name}", f"{side}.{name}")
+        m.move(f"{side}.conv_norm_out", f"{side}.norm_out")
+        for k in (0, 1):
+            for key in [x for x in list(m.state) if x.startswith(f"{side}.mid_block.resnets.{k}.")]:
+                m.move(key, key.replace(f"{side}.mid_block.resnets.{k}.", f"{side}.mid.block_{k + 1}.")
+                       .replace("conv_shortcut", "nin_shortcut"))
+        a = f"{side}.mid_block.attentions.0."
+        for src, dst in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+            weight = m.take(a + src + ".weight")
+            m.put(f"{side}.mid.attn_1.{dst}.weight", weight if src == "group_norm" else weight[:, :, None, None])
+            m.move(a + src + ".bias", f"{side}.mid.attn_1.{dst}.bias")
+    ups = block_ids(state, "decoder.up_blocks")
+    for kind, blocks in (("down", block_ids(state, "encoder.down_blocks")), ("up", ups)):
+        side = "encoder" if kind == "down" else "decoder"
+        for i in blocks:
+            o = i if kind == "down" else len(ups) - 1 - i
+            head = f"{side}.{kind}_blocks.{i}."
+            for key in [x for x in list(m.state) if x.startswith(head)]:
+                rest = key[len(head):]
+                if rest.startswith("resnets."):
+                    m.move(key, f"{side}.{kind}.{o}.block." + rest[len("resnets."):].replace("conv_shortcut",
+                                                                                           "nin_shortcut"))
+                elif rest.startswith(("downsamplers.0.conv.", "upsamplers.0.conv.")):
+                    m.move(key, f"{side}.{kind}.{o}.{kind}sample.conv.{rest.rsplit('.', 1)[1]}")
+    for name in ("quant_conv", "post_quant_conv"):
+        m.move_if(name, name)
+    return m.finish(prefix="first_stage_model.")
+
+
+def _clip_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """CLIP-L (``text_encoder``) as ``conditioner.embedders.0.transformer.text_model.*`` (HF names kept)."""
+    return {"conditioner.embedders.0.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def _open_clip_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """OpenCLIP bigG (``text_encoder_2``) in open_clip's layout (inverse of ``convert_open_clip_checkpoint``):
+    fused ``attn.in_proj``, ``ln_1`` / ``mlp.c_fc`` names, ``text_projection`` transposed."""
+    from ..original_layout import KeyMap, block_ids
+
+    m = KeyMap({k: v for k, v in state.items() if not k.endswith("position_ids")}, "SDXL checkpoint export (CLIP-G)")
+    m.move("text_model.embeddings.position_embedding.weight", "positional_embedding")
+    m.move("text_model.embeddings.token_embedding.weight", "token_embedding.weight")
+    m.move("text_model.final_layer_norm", "ln_final")
+    m.put("text_projection", m.take("text_projection.weight").T.contiguous())
+    for i in block_ids(state, "text_model.encoder.layers"):
+        d, o = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        qkv = [d + f"self_attn.{x}_proj" for x in "qkv"]
+        m.put(o + "attn.in_proj_weight", torch.cat([m.take(x + ".weight") for x in qkv]))
+        m.put(o + "attn.in_proj_bias", torch.cat([m.take(x + ".bias") for x in qkv]))
+        m.move(d + "self_attn.out_proj", o + "attn.out_proj")
+        m.move(d + "layer_norm1", o + "ln_1")
+        m.move(d + "layer_norm2", o + "ln_2")
+        m.move(d + "mlp.fc1", o + "mlp.c_fc")
+        m.move(d + "mlp.fc2", o + "mlp.c_proj")
+    return m.finish(prefix="conditioner.embedders.1.model.")
+
+
+def to_checkpoint(unet: Mapping[str, Tensor], components: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """The full SDXL checkpoint A1111 / Forge / ComfyUI "Load Checkpoint" take (``sd_xl_base_1.0`` layout): the
+    UNet (:func:`to_original`) + both CLIPs (``conditioner.embedders.0/1``) + the VAE (``first_stage_model``)."""
+    vae = components["vae"]
+    out = dict(unet)
+    out.update(_clip_to_ldm(components["text_encoder"].state_dict()))
+    out.update(_open_clip_to_ldm(components["text_encoder_2"].state_dict()))
+    out.update(_vae_to_ldm(vae.state_dict(), dict(vae.config)))
+    return out
+
+
 def to_kohya(pairs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Tensor]:
     """kohya-ss sd-scripts' SDXL layout: ``lora_unet_`` + the LDM module path with ``_`` (sd-scripts trains
     SDXL on the sgm UNet), e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``."""
@@ -589,7 +666,9 @@ def to_kohya(pairs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, T
 
 
 SINGLE_FILE = registry.SingleFileRecipe(
-    to_original, loader="UNet2DConditionModel",
+    to_original, loader="UNet2DConditionModel", checkpoint=to_checkpoint,
+    checkpoint_components=("text_encoder", "text_encoder_2", "vae"), checkpoint_loader="StableDiffusionXLPipeline",
+    checkpoint_where="A1111 / Forge: models/Stable-diffusion; ComfyUI: models/checkpoints (Load Checkpoint)",
     where="ComfyUI: models/diffusion_models (Load Diffusion Model / UNETLoader), with the SDXL CLIPs and VAE "
           "loaded separately")
 KOHYA_LORA = registry.KohyaLoraRecipe(
