@@ -247,6 +247,42 @@ def test_real_size_layouts_match_released_keys_and_diffusers_reads_them(family):
     assert all(back[k].shape == ours[k].shape for k in ours)
 
 
+def test_real_size_sdxl_vae_and_open_clip_match_released_keys_and_diffusers_reads_them():
+    """sd_xl_base_1.0's VAE and OpenCLIP bigG parts at their real sizes (meta device)."""
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from senseflow.teachers import sdxl
+
+    vae_config = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                      layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024)
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(**vae_config)
+        bigg = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                          num_hidden_layers=32, num_attention_heads=20,
+                                                          projection_dim=1280, hidden_act="gelu"))
+    ours = vae.state_dict()
+    original = sdxl._vae_to_ldm(ours, dict(vae.config))
+    released = {"first_stage_model.encoder.down.3.block.1.conv2.weight": (512, 512, 3, 3),
+                "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+                "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+                "first_stage_model.decoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+                "first_stage_model.quant_conv.weight": (8, 8, 1, 1)}
+    for key, shape in released.items():
+        assert tuple(original[key].shape) == shape, key
+    back = sfu.convert_ldm_vae_checkpoint(dict(original), dict(vae.config))
+    assert set(back) == set(ours) and all(back[k].shape == ours[k].shape for k in ours)
+
+    ours = bigg.state_dict()
+    original = sdxl._open_clip_to_ldm(ours)
+    assert tuple(original["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"].shape) == \
+        (3840, 1280)
+    assert tuple(original["conditioner.embedders.1.model.positional_embedding"].shape) == (77, 1280)
+    back = sfu.convert_open_clip_checkpoint(bigg, dict(original), prefix="conditioner.embedders.1.model.")
+    assert set(back) == {k for k in ours if not k.endswith("position_ids")}
+    assert all(back[k].shape == ours[k].shape for k in back)
+
 # -------------------------------------------------------------------------------------------------
 # kohya LoRA
 # -------------------------------------------------------------------------------------------------
