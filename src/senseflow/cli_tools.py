@@ -80,7 +80,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Write a diffusers folder that stock DiffusionPipeline.from_pretrained(FOLDER) runs: the "
                     "teacher's components (hard-linked), the student backbone, and a scheduler that takes exactly "
                     "the student's steps. senseflow_export.json and README.md hold the pipeline call that "
-                    "reproduces `senseflow generate`.")
+                    "reproduces `senseflow generate`. --format single-file / checkpoint / kohya-lora write the "
+                    "original layouts ComfyUI / A1111 load instead (docs/families.md).")
     e.add_argument("--student", required=True, metavar="DIR", help="a run's student/ folder, or the run directory")
     e.add_argument("--out", required=True, metavar="FOLDER", help="the folder to write")
     e.add_argument("--format", choices=("diffusers", "single-file", "checkpoint", "kohya-lora"), default="diffusers",

@@ -370,6 +370,12 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     with pytest.raises(SenseflowError, match="no LoRA adapters"):     # a full-weight student has no adapters
         export_kohya_lora(full, tmp_path / "y")
     assert not (tmp_path / "y").exists()
+    broken = load_student(run)
+    with torch.no_grad():
+        next(broken.backbone.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(SenseflowError, match="non-finite"):           # never written with a NaN
+        export_single_file(run, tmp_path / "nan", loaded=broken)
+    assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan.*"))
     with pytest.raises(SenseflowError, match="families with one: sd3, flux, sdxl, sana"):
         export_single_file(run, tmp_path / "z", loaded=_as_family(load_student(run), "toy"))
     assert not (tmp_path / "z").exists()
