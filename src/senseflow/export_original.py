@@ -113,7 +113,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 
 
 def _load(student, teacher, weights, loaded):
-    from .student import load_student, read_student
+    from .student import read_student
 
     spec = loaded.spec if loaded is not None else read_student(student)
     spec.weights_file(weights)
