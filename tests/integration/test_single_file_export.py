@@ -300,6 +300,34 @@ def test_fuse_lora_is_the_stacked_deltas():
         fuse_lora([(a1, b1, 1.0), (torch.randn(3, 5), torch.randn(2, 3), 1.0)], [3, 2], 5, "test")
 
 
+def test_real_size_flux_kohya_lora_splits_back_with_diffusers_unpatched_converter():
+    """FLUX.1's real widths (3072 / MLP 12288): our fused qkv / linear1 adapters go through diffusers'
+    ``_convert_kohya_flux_lora_to_diffusers`` as shipped and come back as the per-part deltas."""
+    from senseflow.teachers import flux
+
+    g = torch.Generator().manual_seed(0)
+    inner, rank, scale = 3072, 2, 0.75
+
+    def pair(rows: int):
+        return (torch.randn(rank, inner, generator=g), torch.randn(rows, rank, generator=g), scale)
+
+    pairs = {f"transformer_blocks.18.attn.{p}": pair(inner) for p in ("to_q", "to_k", "to_v", "add_q_proj")}
+    pairs["transformer_blocks.18.ff.net.2"] = (torch.randn(rank, 4 * inner, generator=g),
+                                               torch.randn(inner, rank, generator=g), scale)
+    pairs.update({f"single_transformer_blocks.37.attn.{p}": pair(inner) for p in ("to_q", "to_k", "to_v")})
+    pairs["single_transformer_blocks.37.proj_mlp"] = pair(4 * inner)
+    kohya = flux.to_kohya(pairs, {"num_attention_heads": 24, "attention_head_dim": 128})
+    assert kohya["lora_unet_single_blocks_37_linear1.lora_up.weight"].shape == (21504, 4 * rank)
+    assert kohya["lora_unet_double_blocks_18_img_mlp_2.alpha"].item() == scale * rank
+    back = lora_pipeline._convert_kohya_flux_lora_to_diffusers(dict(kohya))
+    for name, (down, up, s) in pairs.items():     # delta W applied to random probes (the full products are big)
+        a, b = back[f"transformer.{name}.lora_A.weight"], back[f"transformer.{name}.lora_B.weight"]
+        x = torch.randn(down.shape[1], 3, generator=g)
+        ours = s * (up @ (down @ x))
+        assert (b @ (a @ x) - ours).abs().max() <= 1e-5 * ours.abs().max(), name      # float32 rounding only
+    # the txt stream's k / v had no adapter: they come back as exact zeros
+    assert torch.count_nonzero(back["transformer.transformer_blocks.18.attn.add_k_proj.lora_B.weight"]) == 0
+
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp_path, tiny_flux_converters):
     run = _lora_run(tmp_path, family)
