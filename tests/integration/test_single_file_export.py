@@ -328,6 +328,29 @@ def test_real_size_flux_kohya_lora_splits_back_with_diffusers_unpatched_converte
     # the txt stream's k / v had no adapter: they come back as exact zeros
     assert torch.count_nonzero(back["transformer.transformer_blocks.18.attn.add_k_proj.lora_B.weight"]) == 0
 
+def test_real_size_sdxl_kohya_names_are_sd_scripts_and_map_back_to_every_module():
+    """SDXL base's 560 attention projections (70 transformer blocks: 2x2 + 2x10 down, 10 mid, 3x2 + 3x10 up;
+    8 each): sd-scripts' names, and diffusers' kohya path (sgm block
+    renumbering + key conversion + PEFT renaming) lands each one on its own module."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from senseflow.teachers import sdxl
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**REAL["sdxl"][1])
+    names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)
+             and n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    pairs = {n: (torch.zeros(1, unet.get_submodule(n).in_features), torch.zeros(unet.get_submodule(n).out_features, 1),
+                 1.0) for n in names}
+    kohya = sdxl.to_kohya(pairs, dict(unet.config))
+    for name in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_output_blocks_0_1_transformer_blocks_9_attn2_to_k",
+                 "lora_unet_middle_block_1_transformer_blocks_9_attn1_to_out_0"):
+        assert name + ".lora_down.weight" in kohya, name
+    state, _ = diffusers.StableDiffusionXLPipeline.lora_state_dict(dict(kohya), unet_config=unet.config)
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    assert len(names) == 70 * 8 and {k.rsplit(".lora_", 1)[0] for k in peft} == set(names)
+
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp_path, tiny_flux_converters):
     run = _lora_run(tmp_path, family)
