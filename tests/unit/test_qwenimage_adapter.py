@@ -363,3 +363,18 @@ def test_released_shift_terminal_only_stretches_the_stock_sigmas(tmp_path):
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path / "scheduler"))
     sched.set_timesteps(sigmas=[1.0, 0.5], mu=MU)
     assert sched.sigmas[:2].tolist() == pytest.approx([1.0, 0.02])
+
+
+def test_real_shape_preset_parameter_count_on_meta():
+    """qwen-image preset: 60 blocks x (36 D^2 + 30 D + 4 x 128 qk-norm weights) + embedders / norm_out / proj_out,
+    D = 24 x 128 = 3072, counted by hand from the block's layers (Linear weights + biases)."""
+    from senseflow.bench.presets import count_parameters, get_preset
+
+    d = 3072
+    block = 2 * (6 * d * d + 6 * d) + 8 * (d * d + d) + 4 * 128 + 2 * (d * 4 * d + 4 * d + 4 * d * d + d)
+    outer = (64 * d + d) + (3584 * d + d) + 3584 + (256 * d + d) + (d * d + d) + (2 * d * d + 2 * d) + (d * 64 + 64)
+    preset = get_preset("qwen-image")
+    net = preset.build_backbone("meta")
+    assert count_parameters(net) == 60 * block + outer == 20_430_401_088
+    assert preset.make_adapter(1024).image_seq_len == 4096
+    assert preset.make_adapter(1024).schedule.mu == pytest.approx(0.5 + 0.4 / 7936 * 3840)
