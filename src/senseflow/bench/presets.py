@@ -27,6 +27,11 @@ values that matter for shapes; anything not listed is the diffusers class defaul
   (16 VAE channels x 2x2 packing), ``patch_size=1``, ``guidance_embeds=True``,
   ``axes_dims_rope=(16, 56, 56)``; text: 512 T5 tokens x 4096, CLIP-L pooled 768; the student and
   fake score drop the guidance embedder (the adapter's default);
+* ``qwen-image`` -- ``Qwen/Qwen-Image``, ``QwenImageTransformer2DModel``: ``num_layers=60`` (double-stream),
+  ``num_attention_heads=24``, ``attention_head_dim=128`` (width 3072), ``joint_attention_dim=3584``
+  (Qwen2.5-VL-7B), ``in_channels=64`` (16 VAE channels x 2x2 packing), ``out_channels=16``,
+  ``patch_size=2``, ``axes_dims_rope=(16, 56, 56)``, no guidance embedding; text: 512 tokens x 3584 (the
+  pipeline's ``max_sequence_length`` cap), true CFG with a negative prompt; 20.430B parameters;
 * ``sdxl`` -- ``stabilityai/stable-diffusion-xl-base-1.0``, ``UNet2DConditionModel``:
   ``block_out_channels=(320, 640, 1280)``, ``layers_per_block=2``,
   ``down_block_types=(DownBlock2D, CrossAttnDownBlock2D, CrossAttnDownBlock2D)``,
