@@ -174,6 +174,11 @@ def trim_text(prompt_embeds: Tensor, mask: Tensor | None) -> tuple[Tensor, Tenso
     return prompt_embeds, (None if bool(mask.bool().all()) else mask)
 
 
+def _refuse_embedded() -> None:
+    raise SenseflowError("Qwen-Image has no guidance embedding: guide the teacher with cfg (true CFG with the "
+                         "negative prompt), not embedded guidance")
+
+
 class QwenImageAdapter(DiffusersFolderAdapter):
     """Qwen-Image family adapter (see module docstring)."""
 
@@ -266,8 +271,7 @@ class QwenImageAdapter(DiffusersFolderAdapter):
     def predict(self, backbone: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning,
                 embedded_guidance: Tensor | None = None) -> Tensor:
         if embedded_guidance is not None:
-            raise SenseflowError("Qwen-Image has no guidance embedding: guide the teacher with cfg (true CFG with the "
-                                 "negative prompt), not embedded guidance")
+            _refuse_embedded()
         try:
             prompt_embeds = cond.tensors["prompt_embeds"]
         except KeyError:
@@ -306,7 +310,7 @@ class QwenImageAdapter(DiffusersFolderAdapter):
         """The velocity with the pipeline's true CFG: ``v_n + s (v_c - v_n)``, rescaled per token to ``||v_c||``."""
         guidance = guidance or NO_GUIDANCE
         if guidance.embedded is not None:
-            self.predict(backbone, x_t, t, cond, guidance.embedded)     # raises the one-line error
+            _refuse_embedded()
         if not guidance.uses_cfg:
             return self.predict(backbone, x_t, t, cond)
         t = as_time(t, device=x_t.device)
