@@ -378,3 +378,29 @@ def test_real_shape_preset_parameter_count_on_meta():
     assert count_parameters(net) == 60 * block + outer == 20_430_401_088
     assert preset.make_adapter(1024).image_seq_len == 4096
     assert preset.make_adapter(1024).schedule.mu == pytest.approx(0.5 + 0.4 / 7936 * 3840)
+
+
+def test_prompt_cache_stores_the_negative_prompt_and_refuses_another(folder, tmp_path):
+    """The cache's unconditional entry is the encoded negative prompt; a run with another one is refused."""
+    from senseflow.config import validate
+    from senseflow.data.cache import build_cache, open_cache
+
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+
+    def config(neg: str):
+        return validate({"paths": {"teacher": str(folder), "prompts": str(tmp_path / "p.txt")},
+                         "teacher": {"family": "qwenimage", "resolution": RES,
+                                     "options": {"max_sequence_length": MSL, "negative_prompt": neg}},
+                         "method": {"name": "dmd2", "real_guidance": {"cfg": 4.0}}})
+
+    cache = open_cache(build_cache(config(" "), tmp_path / "cache", batch_size=2, progress=False,
+                                   log=lambda *a, **k: None))
+    adapter, _ = load(folder)
+    uncond = cache.unconditional()
+    torch.testing.assert_close(uncond.tensors["prompt_embeds"], adapter.unconditional(1).tensors["prompt_embeds"])
+    # " " -> Ġ <|im_end|> \n <|im_start|> assistant \n after the 34 dropped template tokens: 6 valid tokens
+    assert uncond.tensors["prompt_embeds_mask"].tolist() == [[1] * 6 + [0] * (MSL - 6)]
+    cache.check_compatible(config(" "))
+    with pytest.raises(SenseflowError) as e:
+        cache.check_compatible(config("blurry"))
+    assert "negative_prompt" in one_line_error(e)
