@@ -27,6 +27,11 @@ values that matter for shapes; anything not listed is the diffusers class defaul
   (16 VAE channels x 2x2 packing), ``patch_size=1``, ``guidance_embeds=True``,
   ``axes_dims_rope=(16, 56, 56)``; text: 512 T5 tokens x 4096, CLIP-L pooled 768; the student and
   fake score drop the guidance embedder (the adapter's default);
+* ``qwen-image`` -- ``Qwen/Qwen-Image``, ``QwenImageTransformer2DModel``: ``num_layers=60`` (double-stream),
+  ``num_attention_heads=24``, ``attention_head_dim=128`` (width 3072), ``joint_attention_dim=3584``
+  (Qwen2.5-VL-7B), ``in_channels=64`` (16 VAE channels x 2x2 packing), ``out_channels=16``,
+  ``patch_size=2``, ``axes_dims_rope=(16, 56, 56)``, no guidance embedding; text: 512 tokens x 3584 (the
+  pipeline's ``max_sequence_length`` cap), true CFG with a negative prompt; 20.430B parameters;
 * ``sdxl`` -- ``stabilityai/stable-diffusion-xl-base-1.0``, ``UNet2DConditionModel``:
   ``block_out_channels=(320, 640, 1280)``, ``layers_per_block=2``,
   ``down_block_types=(DownBlock2D, CrossAttnDownBlock2D, CrossAttnDownBlock2D)``,
@@ -208,6 +213,18 @@ FLUX_DEV = {
 }
 FLUX_SCHEDULER = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15,
                   "use_dynamic_shifting": True}
+#: Qwen/Qwen-Image transformer/config.json (= QwenImageTransformer2DModel's defaults in diffusers 0.42)
+QWEN_IMAGE = {
+    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56),
+}
+#: Qwen/Qwen-Image scheduler/scheduler_config.json (shift settings; mu = 0.694 at 1024 px)
+QWEN_IMAGE_SCHEDULER = {"base_image_seq_len": 256, "max_image_seq_len": 8192, "base_shift": 0.5, "max_shift": 0.9,
+                        "use_dynamic_shifting": True}
+TINY_QWEN_IMAGE = {
+    "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
+    "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (4, 6, 6),
+}
 SDXL_BASE = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": (320, 640, 1280),
@@ -263,6 +280,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            text_tokens=512, text_dim=4096, pooled_dim=768, default_resolution=1024, real=True,
            scheduler=FLUX_SCHEDULER,
            description="FLUX.1-dev (19 double + 38 single blocks, width 3072)"),
+    Preset("tiny-qwenimage", "qwenimage", "QwenImageTransformer2DModel", TINY_QWEN_IMAGE, latent_channels=4,
+           vae_factor=8, text_tokens=16, text_dim=32, pooled_dim=0, default_resolution=128,
+           scheduler={"base_image_seq_len": 16, "max_image_seq_len": 256, "base_shift": 0.5, "max_shift": 0.9},
+           description="tiny Qwen-Image-style MMDiT (2 blocks, width 32)"),
+    Preset("qwen-image", "qwenimage", "QwenImageTransformer2DModel", QWEN_IMAGE, latent_channels=16, vae_factor=8,
+           text_tokens=512, text_dim=3584, pooled_dim=0, default_resolution=1024, real=True,
+           scheduler=QWEN_IMAGE_SCHEDULER,
+           description="Qwen-Image (60 double-stream blocks, width 3072; 512 Qwen2.5-VL tokens, the pipeline's cap)"),
     Preset("sdxl", "sdxl", "UNet2DConditionModel", SDXL_BASE, latent_channels=4, vae_factor=8, text_tokens=77,
            text_dim=2048, pooled_dim=1280, default_resolution=1024, real=True,
            description="Stable Diffusion XL base 1.0 UNet"),
