@@ -239,3 +239,18 @@ def test_bad_folders_fail_with_one_line(tmp_path, folders):
     with pytest.raises(SenseflowError) as e:
         Flux2Adapter.from_pretrained(folders["klein"].path, resolution=30, load_text_encoders=False)
     _one_line(e, "resolution 30", "multiple of 4")
+
+
+def test_auto_lora_targets_are_the_diffusers_flux2_scripts_modules():
+    """train_dreambooth_lora_flux2(_klein).py without --lora_layers: to_k/q/v, to_out.0, to_qkv_mlp_proj, and the
+    single blocks' attn.to_out (named per block)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from senseflow.lora import apply_lora
+    from tests.helpers.tiny_flux2 import make_flux2_transformer
+
+    net = apply_lora(make_flux2_transformer(), rank=2)
+    adapted = sorted(n for n, m in net.named_modules() if isinstance(m, BaseTunerLayer))
+    double = [f"transformer_blocks.{i}.attn.{p}" for i in range(2) for p in ("to_k", "to_out.0", "to_q", "to_v")]
+    single = [f"single_transformer_blocks.{i}.attn.{p}" for i in range(2) for p in ("to_out", "to_qkv_mlp_proj")]
+    assert adapted == sorted(double + single)
