@@ -557,16 +557,17 @@ def export_call_kwargs(student, call: dict) -> None:
 
 # -- senseflow bench --------------------------------------------------------------------------------
 def _bench_multiple(preset) -> int:
-    return preset.vae_factor * 2
+    return preset.vae_factor     # the preset's factor is the VAE's x the 2x2 patchify (16)
 
 
 def _bench_tokens(preset, resolution: int) -> int:
-    return (resolution // preset.vae_factor // 2) ** 2
+    return (resolution // preset.vae_factor) ** 2
 
 
 def _bench_adapter(preset, resolution: int, device: torch.device, dtype: torch.dtype) -> Flux2Adapter:
-    vae = {"latent_channels": preset.latent_channels, "block_out_channels": [1] * preset.vae_factor.bit_length(),
-           "patch_size": [2, 2]}
+    """The preset describes the patchified latent (``latent_channels`` = 4 x the VAE's, factor = 2 x the VAE's)."""
+    vae = {"latent_channels": preset.latent_channels // 4,
+           "block_out_channels": [1] * (preset.vae_factor // 2).bit_length(), "patch_size": [2, 2]}
     variant = "Flux2Pipeline" if preset.config.get("guidance_embeds", True) else "Flux2KleinPipeline"
     return Flux2Adapter(preset.config, resolution=resolution, vae=vae, variant=variant,
                         scheduler_config=preset.scheduler, max_sequence_length=preset.text_tokens, device=device,
