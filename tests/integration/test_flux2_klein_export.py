@@ -1,7 +1,7 @@
 """FLUX.2-klein through ``senseflow generate`` -> ``senseflow export`` -> the stock ``Flux2KleinPipeline``.
 
-The parametrized export test (``test_generate_export.py``) runs the flux2 family on a dev folder;
-this one runs the klein variant the same way (the export keeps the teacher's ``model_index.json``,
+The parametrized export and family-chain tests run the flux2 family on a dev folder; this file runs
+the klein variant the same way (full student, LoRA student, and the chain with true CFG) (the export keeps the teacher's ``model_index.json``,
 so the folder is a ``Flux2KleinPipeline``), images within ``ATOL`` of ``senseflow generate``.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from senseflow.cli import main
@@ -79,3 +80,36 @@ def test_klein_lora_student_exports_and_reloads_with_load_lora_weights(tmp_path)
     stock = pipeline_images(export, PROMPTS[:1], [seed], lora=True)
     assert (stock - ours).abs().max().item() < ATOL
     assert (pipeline_images(export, PROMPTS[:1], [seed]) - ours).abs().max().item() > 100 * ATOL
+
+
+@pytest.mark.slow   # ~40 s on 2 shared cores: cache + 2 SenseFlow iterations + generate + export
+def test_klein_chain_cache_senseflow_with_cfg_generate_export(tmp_path):
+    """klein-base's teacher runs true CFG with the empty prompt: the cache stores that prompt's embedding, SenseFlow
+    trains from the cache (no text encoder loaded), and the export reproduces ``generate``."""
+    import math
+
+    from senseflow import api
+    from senseflow.config import validate
+    from senseflow.data.cache import build_cache, open_cache
+    from tests.integration.test_family_chain import _config
+
+    make_tiny_flux2_klein_folder(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    method = {"name": "senseflow", "ttur": 2, "real_guidance": {"cfg": 3.0}, "ida_lambda": 0.9, "isg_weight": 0.5,
+              "isg_guidance": {"cfg": 3.0}}
+    config = validate(_config(tmp_path, "flux2", method, "run"))
+    cache = build_cache(config, tmp_path / "cache", batch_size=4, progress=False, log=lambda *a, **k: None)
+    opened = open_cache(cache)
+    assert len(opened) == len(PROMPTS)
+    assert opened.unconditional().tensors["prompt_embeds"].shape == (1, 16, 24)   # the empty prompt, encoded
+    trainer = api.train(config)
+    assert trainer.step == 2 and trainer.method.models.teacher.adapter.has_text_encoders is False
+    assert all(math.isfinite(float(v)) for v in trainer.last_logs.values()), trainer.last_logs
+    run, out = tmp_path / "run", tmp_path / "images"
+    assert main(["generate", "--student", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+                 "--num-prompts", "1", "--device", "cpu", "--no-progress"]) == 0
+    assert main(["export", "--student", str(run / "student"), "--out", str(tmp_path / "export")]) == 0
+    seed = json.loads((out / "00000.json").read_text())["seed"]
+    stock = pipeline_images(tmp_path / "export", PROMPTS[:1], [seed])
+    ours = to_unit(render(load_student(run, device="cpu"), PROMPTS[:1], [seed]))
+    assert (stock - ours).abs().max().item() < ATOL
