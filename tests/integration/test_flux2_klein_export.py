@@ -1,8 +1,9 @@
 """FLUX.2-klein through ``senseflow generate`` -> ``senseflow export`` -> the stock ``Flux2KleinPipeline``.
 
 The parametrized export and family-chain tests run the flux2 family on a dev folder; this file runs
-the klein variant the same way (full student, LoRA student, and the chain with true CFG) (the export keeps the teacher's ``model_index.json``,
-so the folder is a ``Flux2KleinPipeline``), images within ``ATOL`` of ``senseflow generate``.
+the klein variant the same way (full student, LoRA student, and the chain with true CFG). The export
+keeps the teacher's ``model_index.json``, so the folder is a ``Flux2KleinPipeline``; images within
+``ATOL`` of ``senseflow generate``.
 """
 
 from __future__ import annotations

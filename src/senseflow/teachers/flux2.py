@@ -594,11 +594,13 @@ def _bench_student_config(preset) -> dict:
     return {**preset.config, "guidance_embeds": False}
 
 
-#: dev: embedded guidance for the teacher only (the value does not change the cost); klein: CFG 4
+#: No explicit guidance: a dev teacher then gets its default embedded value (4.0; the value does not change the
+#: cost), the guidance-free student / fake score none, and a klein teacher runs without CFG (one branch: a klein
+#: run with ``{cfg: s}`` costs one more teacher branch -- pass ``--set real_guidance.cfg=4``).
 BENCH_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dmd2": {"real_guidance": {"embedded": 4.0}, "fake_guidance": {}},
-    "senseflow": {"real_guidance": {"embedded": 4.0}, "fake_guidance": {}, "isg_guidance": {"embedded": 4.0}},
-    "sid": {"teacher_guidance": {"embedded": 4.0}, "fake_guidance": {}, "fake_train_guidance": {}},
+    "dmd2": {"real_guidance": {}, "fake_guidance": {}},
+    "senseflow": {"real_guidance": {}, "fake_guidance": {}, "isg_guidance": {}},
+    "sid": {"teacher_guidance": {}, "fake_guidance": {}, "fake_train_guidance": {}},
 }
 
 
