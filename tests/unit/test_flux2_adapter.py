@@ -254,3 +254,19 @@ def test_auto_lora_targets_are_the_diffusers_flux2_scripts_modules():
     double = [f"transformer_blocks.{i}.attn.{p}" for i in range(2) for p in ("to_k", "to_out.0", "to_q", "to_v")]
     single = [f"single_transformer_blocks.{i}.attn.{p}" for i in range(2) for p in ("to_out", "to_qkv_mlp_proj")]
     assert adapted == sorted(double + single)
+
+
+def test_dev_tokenizer_of_an_unknown_class_loads_from_its_files(tmp_path):
+    """A tokenizer_config.json naming a class this transformers does not know: the tokenizer files still load and
+    encode exactly as the pipeline's tokenizer; without any chat template the folder is refused in one line."""
+    tiny = make_tiny_flux2_folder(tmp_path / "devp", "dev", processor=True)
+    ref, _ = _stock(tiny).encode_prompt(prompt=PROMPTS, device="cpu", max_sequence_length=MSL)
+    cfg_path = tiny.path / "tokenizer" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "tokenizer_class": "NoSuchTokenizerClass"}))
+    adapter, _ = _load(tiny)
+    assert torch.equal(adapter.encode_prompts(PROMPTS).tensors["prompt_embeds"], ref)
+    (tiny.path / "tokenizer" / "chat_template.jinja").unlink()
+    with pytest.raises(SenseflowError) as e:
+        _load(tiny)
+    _one_line(e, "chat template", "chat_template.jinja")

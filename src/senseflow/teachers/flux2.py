@@ -241,15 +241,33 @@ class TextEncoder:
 
 def load_flux2_tokenizer(path: Path, variant: Variant):
     """The tokenizer (not the processor): FLUX.2-dev's ``tokenizer/`` is a ``PixtralProcessor``, whose import
-    needs torchvision, but its text path only uses the tokenizer files and the chat template."""
-    tok = loading.load_tokenizer(path)
-    tok = getattr(tok, "tokenizer", tok)   # a processor that did load: its tokenizer
+    needs torchvision, but its text path only uses the tokenizer files and the chat template.
+
+    ``AutoTokenizer`` first; where it cannot build the class ``tokenizer_config.json`` names (or builds one
+    without pad token / chat template), the generic fast tokenizer reads the same ``tokenizer.json`` and
+    ``tokenizer_config.json`` (special tokens, chat template)."""
+    try:
+        tok = loading.load_tokenizer(path)
+        tok = getattr(tok, "tokenizer", tok)   # a processor that did load: its tokenizer
+    except SenseflowError:
+        if not (path / "tokenizer.json").is_file():
+            raise
+        tok = None
+    if tok is None or getattr(tok, "pad_token", None) is None or getattr(tok, "chat_template", None) is None:
+        try:
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 -- any loader failure becomes a one-line user error
+            if tok is None:
+                raise SenseflowError(f"cannot load the tokenizer in {path}: {loading.one_line(exc)}; FLUX.2 needs "
+                                     f"tokenizer.json + tokenizer_config.json there (copy them from the original "
+                                     f"model)") from None
     if getattr(tok, "chat_template", None) is None:
         for name in ("chat_template.jinja", "chat_template.json"):
             f = path / name
             if f.is_file():
-                text = f.read_text()
-                tok.chat_template = loading.read_json(f)["chat_template"] if name.endswith(".json") else text
+                tok.chat_template = loading.read_json(f)["chat_template"] if name.endswith(".json") else f.read_text()
                 break
     if getattr(tok, "chat_template", None) is None:
         raise SenseflowError(f"the tokenizer in {path} has no chat template, but {variant.pipeline} formats every "
