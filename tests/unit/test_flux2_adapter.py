@@ -270,3 +270,25 @@ def test_dev_tokenizer_of_an_unknown_class_loads_from_its_files(tmp_path):
     with pytest.raises(SenseflowError) as e:
         _load(tiny)
     _one_line(e, "chat template", "chat_template.jinja")
+
+
+def test_block_names_output_norm_and_feature_tap_read_the_image_tokens(folders):
+    from senseflow.teachers.base import capture_outputs
+
+    adapter, backbone = _load(folders["dev"], load_text_encoders=False)
+    names = adapter.block_names(backbone)
+    assert names == ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+                     "single_transformer_blocks.1"]
+    assert adapter.output_norm_name(backbone) == "norm_out"
+    tap = adapter.feature_tap(backbone)
+    # the middle double block's IMAGE stream (index 1 of its (text, image) output), an 8 x 8 token grid at 32 px
+    assert (tap.name, tap.index, tap.channels, tap.size) == ("transformer_blocks.1", 1, 16, (8, 8))
+    seen = {}
+    handle = backbone.get_submodule(tap.name).register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    x = _noise(adapter, 2)
+    cond = Conditioning({"prompt_embeds": torch.randn(2, 5, 24)})
+    with torch.no_grad(), capture_outputs(backbone, ["norm_out"]) as store:
+        adapter.predict(backbone, x, torch.tensor([0.5, 0.5], dtype=torch.float64), cond)
+    handle.remove()
+    assert seen["out"][tap.index].shape == (2, 64, 16) and seen["out"][0].shape == (2, 5, 16)
+    assert store["norm_out"].shape == (2, 64, 16)      # image tokens only (text removed before the norm)
