@@ -113,9 +113,9 @@ def snippet(folder: str, family: str, call: dict[str, Any], lora: bool) -> str:
     lines += ["meta = json.load(open(\"00000.json\"))          # written by senseflow generate", ""]
     if seeding(family) == "global":
         lines += ["torch.manual_seed(meta[\"seed\"])   # SD3/FLUX draw the latents AND the re-noise from the global RNG",
-                  f"image = pipe(\n    meta[\"prompt\"],\n    {args},\n).images[0]"]
+                  f"image = pipe(\n    prompt=meta[\"prompt\"],\n    {args},\n).images[0]"]
     else:
-        lines += [f"image = pipe(\n    meta[\"prompt\"],\n    {args},\n"
+        lines += [f"image = pipe(\n    prompt=meta[\"prompt\"],\n    {args},\n"
                   f"    generator=torch.Generator(\"cpu\").manual_seed(meta[\"seed\"]),\n).images[0]"]
     return "\n".join(lines)
 

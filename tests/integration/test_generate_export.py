@@ -35,7 +35,7 @@ from senseflow.generator import FewStepGenerator  # noqa: E402
 from senseflow.schedules import anchors as unit_to_native  # noqa: E402
 from senseflow.student import load_student  # noqa: E402
 from senseflow.teachers.base import Denoiser  # noqa: E402
-from tests.helpers import tiny_models  # noqa: E402
+from tests.helpers import tiny_flux2, tiny_models  # noqa: E402
 from tests.helpers.tiny_qwenimage import make_tiny_qwenimage_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -46,10 +46,11 @@ ATOL = 1e-4
 PROMPTS = ["a red cat", "a small blue dog on the square", "a green circle", "the white photo of a big cross"]
 BUILDERS = {"sd3": tiny_models.make_tiny_sd3_folder, "flux": tiny_models.make_tiny_flux_folder,
             "sdxl": tiny_models.make_tiny_sdxl_folder, "sana": tiny_models.make_tiny_sana_folder,
-            "qwenimage": make_tiny_qwenimage_folder}
+            "qwenimage": make_tiny_qwenimage_folder, "flux2": tiny_flux2.make_tiny_flux2_dev_folder}
 #: short text sequences keep the tiny runs fast (and exercise a non-default pipeline argument)
 OPTIONS = {"sd3": {"max_sequence_length": 8}, "flux": {"max_sequence_length": 8},
-           "sdxl": {}, "sana": {"max_sequence_length": 8}, "qwenimage": {"max_sequence_length": 16}}
+           "sdxl": {}, "sana": {"max_sequence_length": 8}, "qwenimage": {"max_sequence_length": 16},
+           "flux2": {"max_sequence_length": 16}}
 
 
 def make_student_run(root: Path, family: str, sampler: str = "stochastic", anchors=(1.0, 0.75, 0.5, 0.25),
@@ -97,9 +98,9 @@ def pipeline_images(folder: Path, prompts, seeds, steps: int | None = None, lora
     for prompt, seed in zip(prompts, seeds):
         if info["seeding"] == "global":
             torch.manual_seed(seed)
-            images = pipe(prompt, output_type="pt", **call).images
+            images = pipe(prompt=prompt, output_type="pt", **call).images
         else:
-            images = pipe(prompt, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed), **call).images
+            images = pipe(prompt=prompt, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed), **call).images
         out.append(images.float())
     return torch.cat(out)
 
@@ -114,7 +115,7 @@ def read_png(path: Path) -> np.ndarray:
 
 #: (SD3's euler export is checked in test_subset_batching_resume_and_fewer_steps)
 CASES = [("sd3", "stochastic"), ("flux", "stochastic"), ("sdxl", "stochastic"), ("sana", "stochastic"),
-         ("sdxl", "euler"), ("qwenimage", "stochastic")]
+         ("sdxl", "euler"), ("qwenimage", "stochastic"), ("flux2", "stochastic")]
 
 
 @pytest.mark.parametrize("family,sampler", CASES, ids=[f"{f}-{s}" for f, s in CASES])
@@ -141,12 +142,14 @@ def test_generate_export_and_stock_pipeline_reproduce(family, sampler, tmp_path,
     backbone = "unet" if family == "sdxl" else "transformer"
     assert not os.path.samefile(next((export / backbone).glob("*.safetensors")),
                                 next((tmp_path / "teacher" / backbone).glob("*.safetensors")))
-    if family == "flux":
+    if family in ("flux", "flux2"):
         cfg = json.loads((export / "transformer" / "config.json").read_text())
         assert cfg["guidance_embeds"] is False
         from safetensors.torch import load_file
         keys = load_file(str(next((export / "transformer").glob("*.safetensors")))).keys()
         assert not any("guidance_embedder" in k for k in keys)
+    if family == "flux2":    # Flux2Pipeline's first positional argument is `image`: the snippet passes prompt=
+        assert 'prompt=meta["prompt"]' in (export / "README.md").read_text() and "prompt=" in info["snippet"]
 
     seeds = [meta0["seed"] for meta0 in (json.loads((out / f"{i:05d}.json").read_text()) for i in range(2))]
     stock = pipeline_images(export, PROMPTS[:2], seeds)

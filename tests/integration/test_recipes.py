@@ -30,7 +30,8 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from senseflow import api  # noqa: E402
 from senseflow.cli import main  # noqa: E402
 from senseflow.config import BUILTIN_PREFIX, load_yaml, validate  # noqa: E402
-from tests.helpers import tiny_models  # noqa: E402
+from senseflow.lora import is_lora_name  # noqa: E402
+from tests.helpers import tiny_flux2, tiny_models  # noqa: E402
 from tests.helpers.tiny_qwenimage import make_tiny_qwenimage_folder  # noqa: E402
 from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
@@ -45,7 +46,7 @@ RES = 32
 PROMPTS = ["a red cat", "a small blue dog on the square", "a green circle", "the white photo of a big cross"]
 BUILDERS = {"sd3": tiny_models.make_tiny_sd3_folder, "flux": tiny_models.make_tiny_flux_folder,
             "sdxl": tiny_models.make_tiny_sdxl_folder, "sana": tiny_models.make_tiny_sana_folder,
-            "qwenimage": make_tiny_qwenimage_folder}
+            "qwenimage": make_tiny_qwenimage_folder, "flux2": tiny_flux2.make_tiny_flux2_dev_folder}
 
 
 def _rel(p: Path) -> str:
@@ -143,14 +144,13 @@ def test_shipped_recipe_trains_two_iterations(recipe, world, tmp_path):
     assert any(k.startswith("loss_") for k in logs), logs
     assert all(math.isfinite(float(v)) for v in logs.values()), logs
     assert (tmp_path / "run" / "student" / "student.safetensors").is_file()
-    from senseflow.lora import is_lora_name
-
-    generator = trainer.method.models.generator
-    lora = any(is_lora_name(n) for n, _ in generator.named_parameters())
-    for n, p in generator.named_parameters():
+    lora = config.generator.lora is not None
+    for name, p in trainer.method.models.generator.named_parameters():
         assert torch.isfinite(p).all()
-        if config.train.precision == "amp_bf16" and (is_lora_name(n) or not lora):
-            assert p.dtype == torch.float32   # fp32 master weights, whatever teacher.dtype (a LoRA's frozen base keeps it)
+        # fp32 master weights, whatever teacher.dtype is (a LoRA generator: its adapters; the frozen base keeps
+        # the teacher's storage dtype)
+        if config.train.precision == "amp_bf16" and (not lora or is_lora_name(name)):
+            assert p.dtype == torch.float32
 
 
 def test_dry_run_refuses_a_folder_of_another_family(world, tmp_path, capsys):

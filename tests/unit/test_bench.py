@@ -176,7 +176,8 @@ def test_saved_tensor_counter_counts_storages_once_and_skips_parameters():
 
 
 @pytest.mark.parametrize("name, billions", [("sd35-medium", 2.24), ("sd35-large", 8.06), ("flux-dev", 11.90),
-                                            ("sdxl", 2.57)])
+                                            ("sdxl", 2.57), ("flux2-dev", 32.22), ("flux2-klein-4b", 3.88),
+                                            ("flux2-klein-9b", 9.08)])
 def test_real_presets_have_the_published_sizes(name, billions):
     model = PRESETS[name].build_backbone("meta")
     assert count_parameters(model) / 1e9 == pytest.approx(billions, abs=0.01)

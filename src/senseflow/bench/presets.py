@@ -225,6 +225,17 @@ TINY_QWEN_IMAGE = {
     "patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
     "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (4, 6, 6),
 }
+#: FLUX.2 (diffusers scripts/convert_flux2_to_diffusers.py configs; dev = the Flux2Transformer2DModel defaults)
+FLUX2_DEV = {
+    "patch_size": 1, "in_channels": 128, "num_layers": 8, "num_single_layers": 48, "attention_head_dim": 128,
+    "num_attention_heads": 48, "joint_attention_dim": 15360, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
+    "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "guidance_embeds": True,
+}
+FLUX2_KLEIN_4B = {**FLUX2_DEV, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
+                  "joint_attention_dim": 7680, "guidance_embeds": False}
+FLUX2_KLEIN_9B = {**FLUX2_DEV, "num_layers": 8, "num_single_layers": 24, "num_attention_heads": 32,
+                  "joint_attention_dim": 12288, "guidance_embeds": False}
+FLUX2_SCHEDULER = {"use_dynamic_shifting": True, "time_shift_type": "exponential"}   # mu: compute_empirical_mu
 SDXL_BASE = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": (320, 640, 1280),
@@ -246,6 +257,11 @@ TINY_FLUX = {
     "patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 16,
     "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": True,
     "axes_dims_rope": (4, 6, 6),
+}
+TINY_FLUX2 = {
+    "patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 8,
+    "num_attention_heads": 2, "joint_attention_dim": 24, "timestep_guidance_channels": 16, "mlp_ratio": 2.0,
+    "axes_dims_rope": (2, 2, 2, 2), "guidance_embeds": True,
 }
 TINY_SDXL = {
     "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (16, 32),
@@ -288,6 +304,19 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            text_tokens=512, text_dim=3584, pooled_dim=0, default_resolution=1024, real=True,
            scheduler=QWEN_IMAGE_SCHEDULER,
            description="Qwen-Image (60 double-stream blocks, width 3072; 512 Qwen2.5-VL tokens, the pipeline's cap)"),
+    # FLUX.2: latent_channels / vae_factor describe the PATCHIFIED latent (4 x 32 channels, 8 x 2 pixels per token)
+    Preset("tiny-flux2", "flux2", "Flux2Transformer2DModel", TINY_FLUX2, latent_channels=16, vae_factor=16,
+           text_tokens=16, text_dim=24, pooled_dim=0, default_resolution=128, scheduler=FLUX2_SCHEDULER,
+           description="tiny FLUX.2-style transformer (1 double + 2 single blocks, width 16, guidance embedding)"),
+    Preset("flux2-dev", "flux2", "Flux2Transformer2DModel", FLUX2_DEV, latent_channels=128, vae_factor=16,
+           text_tokens=512, text_dim=15360, pooled_dim=0, default_resolution=1024, real=True,
+           scheduler=FLUX2_SCHEDULER, description="FLUX.2-dev (8 double + 48 single blocks, width 6144)"),
+    Preset("flux2-klein-4b", "flux2", "Flux2Transformer2DModel", FLUX2_KLEIN_4B, latent_channels=128,
+           vae_factor=16, text_tokens=512, text_dim=7680, pooled_dim=0, default_resolution=1024, real=True,
+           scheduler=FLUX2_SCHEDULER, description="FLUX.2-klein 4B (5 double + 20 single blocks, width 3072)"),
+    Preset("flux2-klein-9b", "flux2", "Flux2Transformer2DModel", FLUX2_KLEIN_9B, latent_channels=128,
+           vae_factor=16, text_tokens=512, text_dim=12288, pooled_dim=0, default_resolution=1024, real=True,
+           scheduler=FLUX2_SCHEDULER, description="FLUX.2-klein 9B (8 double + 24 single blocks, width 4096)"),
     Preset("sdxl", "sdxl", "UNet2DConditionModel", SDXL_BASE, latent_channels=4, vae_factor=8, text_tokens=77,
            text_dim=2048, pooled_dim=1280, default_resolution=1024, real=True,
            description="Stable Diffusion XL base 1.0 UNet"),

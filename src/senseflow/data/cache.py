@@ -55,7 +55,8 @@ LATENTS = "latents"
 #: sample-grid prompts cached at most (``train.num_samples`` is at most 64)
 MAX_EVAL_PROMPTS = 64
 #: ``teacher.options`` keys that change what the text encoders produce (or the unconditional branch)
-ENCODING_OPTIONS = ("max_sequence_length", "complex_human_instruction", "zero_unconditional", "negative_prompt")
+ENCODING_OPTIONS = ("max_sequence_length", "complex_human_instruction", "zero_unconditional",
+                    "negative_prompt", "text_encoder_out_layers")
 #: teacher subfolders whose content the cache depends on
 COMPONENT_PREFIXES = ("text_encoder", "tokenizer", "vae")
 #: files up to this size are hashed whole; larger ones (weights) by size + first and last MiB

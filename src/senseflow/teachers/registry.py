@@ -42,6 +42,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "toy": "senseflow.toy.family",
     "sd3": "senseflow.teachers.sd3",
     "flux": "senseflow.teachers.flux",
+    "flux2": "senseflow.teachers.flux2",
     "sdxl": "senseflow.teachers.sdxl",
     "sana": "senseflow.teachers.sana",
     "custom": "senseflow.teachers.custom",
