@@ -45,6 +45,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "sdxl": "senseflow.teachers.sdxl",
     "sana": "senseflow.teachers.sana",
     "custom": "senseflow.teachers.custom",
+    "zimage": "senseflow.teachers.zimage",
 }
 
 TeacherLoader = Callable[["Config", "torch.device"], "tuple[ModelAdapter, nn.Module]"]
