@@ -88,7 +88,7 @@ def make_qwen3_encoder(tokenizer, hidden_size: int = 16, num_layers: int = 2, nu
 
 def make_zimage_transformer(in_channels: int = 4, dim: int = 32, n_layers: int = 2, n_refiner_layers: int = 1,
                             n_heads: int = 2, cap_feat_dim: int = 16, axes_dims: Sequence[int] = (4, 6, 6),
-                            axes_lens: Sequence[int] = (128, 32, 32), seed: int = 0):
+                            axes_lens: Sequence[int] = (1024, 64, 64), seed: int = 0):
     """A tiny ``ZImageTransformer2DModel`` (``dim / n_heads == sum(axes_dims)``; patch 2, frame patch 1).
 
     The pad tokens (``x_pad_token`` / ``cap_pad_token``) start at zero; every parameter gets a small

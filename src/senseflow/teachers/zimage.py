@@ -339,7 +339,7 @@ class ZImageAdapter(DiffusersFolderAdapter):
             cap = pos_norm * self.cfg_normalization
             scale = torch.where(new_norm > cap, cap / new_norm, torch.ones_like(new_norm))
             pred = pred * expand_like(scale, pred)
-        pred = torch.where(expand_like(guided, pred), pred, pos)
+        pred = torch.where(guided.view(-1, *([1] * (pred.ndim - 1))), pred, pos)
         return pred.to(both.dtype)
 
     # -- prompts -------------------------------------------------------------------------------
