@@ -27,7 +27,7 @@ from senseflow.lora import (LoRAConfig, apply_lora, config_from_state_dict, is_l
 from senseflow.schedules import anchors as unit_to_native  # noqa: E402
 from senseflow.student import load_student  # noqa: E402
 from senseflow.teachers.base import Denoiser, SenseflowError  # noqa: E402
-from tests.helpers import tiny_models  # noqa: E402
+from tests.helpers import tiny_models, tiny_zimage  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
 diffusers_logging.set_verbosity_error()
@@ -126,7 +126,7 @@ def _lora_run(root: Path, family: str) -> Path:
     """A run whose student is the teacher + trained-looking LoRA adapters (rank 4, alpha 8)."""
     teacher = root / "teacher"
     {"sd3": tiny_models.make_tiny_sd3_folder, "sdxl": tiny_models.make_tiny_sdxl_folder,
-     "flux": tiny_models.make_tiny_flux_folder}[family](teacher)
+     "flux": tiny_models.make_tiny_flux_folder, "zimage": tiny_zimage.make_tiny_zimage_folder}[family](teacher)
     options = {} if family == "sdxl" else {"max_sequence_length": 8}
     config = validate({"paths": {"teacher": str(teacher)}, "teacher": {"family": family, "resolution": RES,
                                                                        "options": options},
@@ -157,7 +157,7 @@ def _stock(folder: Path, prompt: str, seed: int, lora: bool) -> torch.Tensor:
     return pipe(prompt, output_type="pt", generator=torch.Generator("cpu").manual_seed(seed), **info["call"]).images
 
 
-@pytest.mark.parametrize("family", ["sd3", "sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "sdxl", "flux", "zimage"])
 def test_lora_student_exports_and_reloads_with_load_lora_weights(family, tmp_path):
     run = _lora_run(tmp_path, family)
     student = load_student(run)
