@@ -295,3 +295,32 @@ def test_bad_folders_fail_with_one_line(folders, tmp_path):
     with pytest.raises(SenseflowError) as e:
         adapter.predict(transformer, torch.zeros(1, 4, 16, 16), ones(1), Conditioning({"prompt_embeds": torch.zeros(1, 5, 16)}))
     assert "prompt_attention_mask" in one_line_error(e)
+
+
+# -------------------------------------------------------------------------------------------------
+# senseflow bench: the real shape
+# -------------------------------------------------------------------------------------------------
+def _zimage_parameters(dim: int, n_layers: int, n_refiner: int, heads: int, cap: int, channels: int) -> int:
+    """Parameters of a Z-Image transformer counted by hand from its architecture (patch 2, frame patch 1)."""
+    head, hidden, adaln, patch = dim // heads, int(dim / 3 * 8), min(dim, 256), 2 * 2 * channels
+    block = 4 * dim * dim + 2 * head + 3 * dim * hidden + 4 * dim     # q k v o, qk RMSNorm, SwiGLU FFN, 4 RMSNorms
+    modulated = block + adaln * 4 * dim + 4 * dim                     # + adaLN (scale/gate for attention and FFN)
+    embed = patch * dim + dim + 256 * 1024 + 1024 + 1024 * adaln + adaln + cap + cap * dim + dim + 2 * dim
+    final = dim * patch + patch + adaln * dim + dim
+    return (n_layers + n_refiner) * modulated + n_refiner * block + embed + final
+
+
+def test_real_preset_has_the_released_shape_and_size():
+    from senseflow.bench.presets import PRESETS, count_parameters
+
+    preset = PRESETS["zimage"]
+    model = preset.build_backbone("meta")
+    n = count_parameters(model)
+    assert n == _zimage_parameters(3840, 30, 2, 30, 2560, 16)
+    assert n / 1e9 == pytest.approx(6.155, abs=0.001)             # "6B" (the Z-Image model card)
+    adapter = preset.make_adapter(1024)
+    assert adapter.latent_shape() == (16, 128, 128) and adapter.schedule.shift == 6.0
+    assert len(adapter.block_names(model)) == 34
+    # the tiny preset's count follows the same formula
+    tiny = PRESETS["tiny-zimage"].build_backbone("cpu")
+    assert count_parameters(tiny) == _zimage_parameters(32, 2, 1, 2, 32, 4)

@@ -486,9 +486,20 @@ def _bench_conditioning(preset, batch: int, generator: torch.Generator, device, 
     return Conditioning({"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)})
 
 
+class _LatentList(list):
+    """The transformer's per-image latent list that, like a tensor, can be made to require gradients
+    (``senseflow bench --estimate-memory`` does that to the first input for SiD's teacher pass)."""
+
+    def requires_grad_(self, requires_grad: bool = True) -> "_LatentList":
+        for item in self:
+            item.requires_grad_(requires_grad)
+        return self
+
+
 def _bench_inputs(preset, x, t, cond, resolution, device, dtype, config) -> dict:
-    caps = [e[m] for e, m in zip(cond.tensors["prompt_embeds"], cond.tensors["prompt_attention_mask"])]
-    return {"x": list(x.unsqueeze(2).unbind(dim=0)), "t": 1.0 - t, "cap_feats": caps, "return_dict": False}
+    caps = list(cond.tensors["prompt_embeds"].unbind(dim=0))   # every token unmasked (boolean indexing fails on meta)
+    images = _LatentList(xi.clone() for xi in x.unsqueeze(2).unbind(dim=0))   # leaves: [C, 1, H, W] each
+    return {"x": images, "t": 1.0 - t, "cap_feats": caps, "return_dict": False}
 
 
 def load_from_config(config, device: torch.device) -> tuple[ZImageAdapter, nn.Module]:
