@@ -37,13 +37,20 @@ values that matter for shapes; anything not listed is the diffusers class defaul
   ``use_linear_projection=True``, ``in_channels=out_channels=4``, ``sample_size=128``; text: 77 tokens
   x 2048 (CLIP-L 768 + CLIP-G 1280), pooled 1280, 6 time ids; VAE: 4 channels, factor 8.
 
+* ``zimage`` -- ``Tongyi-MAI/Z-Image`` (Z-Image-Turbo has the same config), ``ZImageTransformer2DModel``
+  (S3-DiT): ``dim=3840``, ``n_layers=30`` single-stream blocks + ``n_refiner_layers=2`` noise and 2
+  context refiners, ``n_heads=n_kv_heads=30``, ``cap_feat_dim=2560`` (Qwen3-4B), ``in_channels=16``,
+  patch 2, ``axes_dims=(32, 48, 48)``, ``axes_lens=(1536, 512, 512)``, ``rope_theta=256``; text: up to
+  512 Qwen3 tokens x 2560 (all unmasked here: the upper bound); VAE: 16 channels, factor 8; scheduler:
+  static shift 6.0.  6.155B parameters.
+
 Parameter counts of these configs (counted on the meta device, see ``senseflow bench
 --estimate-memory``): sd35-medium 2.24B, sd35-large 8.06B, flux-dev 11.90B (11.89B without the
 guidance embedder), sdxl 2.57B -- the published sizes of those models.
 
 Tiny presets (run anywhere in well under a second per step on a CPU): ``tiny`` (an SD3.5-style
 ``SD3Transformer2DModel``: 2 layers, width 32, qk_norm, one dual-attention layer), ``tiny-flux``,
-``tiny-sdxl`` and ``tiny-custom`` (the pure-PyTorch :func:`senseflow.teachers.custom.tiny_example`).
+``tiny-sdxl``, ``tiny-zimage`` and ``tiny-custom`` (the pure-PyTorch :func:`senseflow.teachers.custom.tiny_example`).
 """
 
 from __future__ import annotations
