@@ -110,11 +110,13 @@ def make_zimage_transformer(in_channels: int = 4, dim: int = 32, n_layers: int =
 def make_tiny_zimage_folder(path: str | Path, *, latent_channels: int = 4, text_hidden: int = 16,
                             cap_feat_dim: int | None = None, in_channels: int | None = None, shift: float = 6.0,
                             dynamic: bool = False, scheduler: dict[str, Any] | None = None, seed: int = 0,
-                            write_index: bool = True) -> TinyFolder:
+                            causal_lm: bool = False, write_index: bool = True) -> TinyFolder:
     """Build a tiny Z-Image diffusers folder at ``path`` (see module docstring).
 
     ``cap_feat_dim`` / ``in_channels`` default to the consistent values (text width, VAE channels):
-    pass others to build deliberately inconsistent folders for error tests.
+    pass others to build deliberately inconsistent folders for error tests.  ``causal_lm=True`` saves the
+    text encoder as a ``Qwen3ForCausalLM`` checkpoint (its config.json then says so) while model_index.json
+    keeps ``Qwen3Model`` -- the layout of the released folders.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,14 @@ def make_tiny_zimage_folder(path: str | Path, *, latent_channels: int = 4, text_
     tok = make_qwen_tokenizer()
     enc = make_qwen3_encoder(tok, hidden_size=text_hidden, seed=next(seeds))
     tok.save_pretrained(str(path / "tokenizer"))
-    enc.save_pretrained(str(path / "text_encoder"))
+    if causal_lm:
+        from transformers import Qwen3ForCausalLM
+
+        lm = Qwen3ForCausalLM(enc.config)
+        lm.model.load_state_dict(enc.state_dict())
+        lm.save_pretrained(str(path / "text_encoder"))
+    else:
+        enc.save_pretrained(str(path / "text_encoder"))
     out.text_encoders["text_encoder"], out.tokenizers["tokenizer"] = enc, tok
     index["text_encoder"] = ("transformers", "Qwen3Model")
     index["tokenizer"] = ("transformers", "Qwen2Tokenizer")

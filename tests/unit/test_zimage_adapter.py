@@ -146,6 +146,25 @@ def test_encode_prompts_equals_pipeline_encode_prompt(folders):
     assert not embeds.requires_grad
 
 
+def test_causal_lm_text_encoder_folder_loads_as_the_pipeline_loads_it(tmp_path):
+    """Released layout: text_encoder/config.json says Qwen3ForCausalLM, model_index.json says Qwen3Model."""
+    built = make_tiny_zimage_folder(tmp_path / "causal", causal_lm=True, seed=2)
+    folder = built.path
+    assert json.loads((folder / "text_encoder" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    adapter, _ = ZImageAdapter.from_pretrained(folder, resolution=RES, max_sequence_length=MSL)
+    assert type(adapter.text_encoder.model).__name__ == "Qwen3Model"
+    saved = built.text_encoders["text_encoder"].state_dict()      # the weights were read, not re-initialised
+    loaded = adapter.text_encoder.model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    cond = adapter.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        pos, _ = ZImagePipeline.from_pretrained(folder).encode_prompt(list(PROMPTS), max_sequence_length=MSL,
+                                                                      do_classifier_free_guidance=False)
+    for i in range(2):
+        mask = cond.tensors["prompt_attention_mask"][i]
+        torch.testing.assert_close(cond.tensors["prompt_embeds"][i][mask], pos[i], atol=1e-6, rtol=0)
+
+
 # -------------------------------------------------------------------------------------------------
 # the model call against the stock pipeline
 # -------------------------------------------------------------------------------------------------
@@ -293,7 +312,8 @@ def test_bad_folders_fail_with_one_line(folders, tmp_path):
     assert "axes_lens" in one_line_error(e)
     adapter, transformer = load(folders["base"], load_text_encoders=False)
     with pytest.raises(SenseflowError) as e:
-        adapter.predict(transformer, torch.zeros(1, 4, 16, 16), ones(1), Conditioning({"prompt_embeds": torch.zeros(1, 5, 16)}))
+        adapter.predict(transformer, torch.zeros(1, 4, 16, 16), ones(1),
+                        Conditioning({"prompt_embeds": torch.zeros(1, 5, 16)}))
     assert "prompt_attention_mask" in one_line_error(e)
 
 

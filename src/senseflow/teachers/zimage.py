@@ -483,7 +483,8 @@ def _bench_conditioning(preset, batch: int, generator: torch.Generator, device, 
     """``text_tokens`` caption tokens per prompt (every one unmasked: the pipeline's 512-token upper bound)."""
     embeds = torch.randn(batch, preset.text_tokens, preset.text_dim, generator=generator)
     mask = torch.ones(batch, preset.text_tokens, dtype=torch.bool)
-    return Conditioning({"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)})
+    return Conditioning({"prompt_embeds": embeds.to(device=device, dtype=dtype),
+                         "prompt_attention_mask": mask.to(device)})
 
 
 class _LatentList(list):
