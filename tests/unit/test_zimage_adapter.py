@@ -317,6 +317,17 @@ def test_bad_folders_fail_with_one_line(folders, tmp_path):
     assert "prompt_attention_mask" in one_line_error(e)
 
 
+def test_folder_family_check_names_the_zimage_pipeline(folders):
+    """``train --dry-run``'s check: a Z-Image folder under another family is refused in one line naming both."""
+    from senseflow.teachers import loading
+
+    loading.check_folder_family(folders["base"], "zimage")
+    with pytest.raises(SenseflowError) as e:
+        loading.check_folder_family(folders["base"], "sd3")
+    msg = one_line_error(e)
+    assert "ZImagePipeline" in msg and "zimage" in msg and "sd3" in msg
+
+
 # -------------------------------------------------------------------------------------------------
 # senseflow bench: the real shape
 # -------------------------------------------------------------------------------------------------
