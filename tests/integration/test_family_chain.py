@@ -31,7 +31,7 @@ from senseflow.config import validate  # noqa: E402
 from senseflow.data.cache import build_cache, open_cache  # noqa: E402
 from senseflow.generate import image_seed, render  # noqa: E402
 from senseflow.student import load_student  # noqa: E402
-from tests.helpers import tiny_flux2, tiny_models  # noqa: E402
+from tests.helpers import tiny_flux2, tiny_models, tiny_zimage  # noqa: E402
 from tests.helpers.tiny_qwenimage import make_tiny_qwenimage_folder  # noqa: E402
 from tests.integration.test_generate_export import pipeline_images, read_png, to_unit  # noqa: E402
 
@@ -44,10 +44,11 @@ SEED = 11
 PROMPTS = ["a red cat", "a small blue dog on the square", "a green circle", "the white photo of a big cross"]
 BUILDERS = {"sd3": tiny_models.make_tiny_sd3_folder, "flux": tiny_models.make_tiny_flux_folder,
             "sdxl": tiny_models.make_tiny_sdxl_folder, "sana": tiny_models.make_tiny_sana_folder,
-            "qwenimage": make_tiny_qwenimage_folder, "flux2": tiny_flux2.make_tiny_flux2_dev_folder}
+            "qwenimage": make_tiny_qwenimage_folder, "flux2": tiny_flux2.make_tiny_flux2_dev_folder,
+            "zimage": tiny_zimage.make_tiny_zimage_folder}
 OPTIONS = {"sd3": {"max_sequence_length": 8}, "flux": {"max_sequence_length": 8},
            "sdxl": {}, "sana": {"max_sequence_length": 8}, "qwenimage": {"max_sequence_length": 16},
-           "flux2": {"max_sequence_length": 16}}
+           "flux2": {"max_sequence_length": 16}, "zimage": {"max_sequence_length": 40}}
 #: guidance per family: FLUX distils its embedded guidance, the others classifier-free guidance
 GUIDANCE = {"flux": {"embedded": 3.5}, "flux2": {"embedded": 4.0}}
 
@@ -60,7 +61,7 @@ def _methods(family: str) -> dict[str, dict]:
     g = _guidance(family, 3.0)
     methods = {"senseflow": {"name": "senseflow", "ttur": 2, "real_guidance": g, "ida_lambda": 0.9,
                              "isg_weight": 0.5, "isg_guidance": g}}
-    if family in ("sd3", "flux", "qwenimage"):
+    if family in ("sd3", "flux", "qwenimage", "zimage"):
         fake = {} if family == "flux" else _guidance(family, 2.0)
         methods["sid"] = {"name": "sid", "teacher_guidance": _guidance(family, 2.0), "fake_guidance": fake,
                           "fake_train_guidance": fake}
@@ -81,7 +82,7 @@ def _config(root: Path, family: str, method: dict, out: str) -> dict:
                       "progress": False, "tensorboard": False}}
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana", "qwenimage", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana", "qwenimage", "flux2", "zimage"])
 def test_cache_train_generate_export_stock_pipeline(family, tmp_path, monkeypatch):
     BUILDERS[family](tmp_path / "teacher")
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")

@@ -35,7 +35,7 @@ from senseflow.generator import FewStepGenerator  # noqa: E402
 from senseflow.schedules import anchors as unit_to_native  # noqa: E402
 from senseflow.student import load_student  # noqa: E402
 from senseflow.teachers.base import Denoiser  # noqa: E402
-from tests.helpers import tiny_flux2, tiny_models  # noqa: E402
+from tests.helpers import tiny_flux2, tiny_models, tiny_zimage  # noqa: E402
 from tests.helpers.tiny_qwenimage import make_tiny_qwenimage_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -46,11 +46,14 @@ ATOL = 1e-4
 PROMPTS = ["a red cat", "a small blue dog on the square", "a green circle", "the white photo of a big cross"]
 BUILDERS = {"sd3": tiny_models.make_tiny_sd3_folder, "flux": tiny_models.make_tiny_flux_folder,
             "sdxl": tiny_models.make_tiny_sdxl_folder, "sana": tiny_models.make_tiny_sana_folder,
-            "qwenimage": make_tiny_qwenimage_folder, "flux2": tiny_flux2.make_tiny_flux2_dev_folder}
+            "qwenimage": make_tiny_qwenimage_folder, "flux2": tiny_flux2.make_tiny_flux2_dev_folder,
+            "zimage": tiny_zimage.make_tiny_zimage_folder}
 #: short text sequences keep the tiny runs fast (and exercise a non-default pipeline argument)
 OPTIONS = {"sd3": {"max_sequence_length": 8}, "flux": {"max_sequence_length": 8},
            "sdxl": {}, "sana": {"max_sequence_length": 8}, "qwenimage": {"max_sequence_length": 16},
-           "flux2": {"max_sequence_length": 16}}
+           "flux2": {"max_sequence_length": 16}, "zimage": {"max_sequence_length": 40}}
+#: the export's guidance_scale: 1 = no CFG, except ZImagePipeline (CFG whenever guidance_scale > 0)
+NO_CFG_SCALE = {"zimage": 0.0}
 
 
 def make_student_run(root: Path, family: str, sampler: str = "stochastic", anchors=(1.0, 0.75, 0.5, 0.25),
@@ -115,7 +118,7 @@ def read_png(path: Path) -> np.ndarray:
 
 #: (SD3's euler export is checked in test_subset_batching_resume_and_fewer_steps)
 CASES = [("sd3", "stochastic"), ("flux", "stochastic"), ("sdxl", "stochastic"), ("sana", "stochastic"),
-         ("sdxl", "euler"), ("qwenimage", "stochastic"), ("flux2", "stochastic")]
+         ("sdxl", "euler"), ("qwenimage", "stochastic"), ("flux2", "stochastic"), ("zimage", "stochastic")]
 
 
 @pytest.mark.parametrize("family,sampler", CASES, ids=[f"{f}-{s}" for f, s in CASES])
@@ -134,7 +137,8 @@ def test_generate_export_and_stock_pipeline_reproduce(family, sampler, tmp_path,
     assert main(["export", "--student", str(run / "student"), "--out", str(export)]) == 0
     assert "DiffusionPipeline.from_pretrained" in capsys.readouterr().out
     info = json.loads((export / "senseflow_export.json").read_text())
-    assert info["call"].get("guidance_scale", 1.0) == 1.0   # Qwen-Image: no guidance embedding, no guidance_scale
+    # Qwen-Image: no guidance embedding, so no guidance_scale; Z-Image: 0 (its pipeline runs CFG whenever > 0)
+    assert info["call"].get("guidance_scale", 1.0) == NO_CFG_SCALE.get(family, 1.0)
     assert (export / "README.md").read_text().count("from_pretrained") == 1
     # the text encoders / VAE are the teacher's files, hard-linked
     vae_file = next((export / "vae").glob("*.safetensors"))

@@ -31,7 +31,7 @@ from senseflow import api  # noqa: E402
 from senseflow.cli import main  # noqa: E402
 from senseflow.config import BUILTIN_PREFIX, load_yaml, validate  # noqa: E402
 from senseflow.lora import is_lora_name  # noqa: E402
-from tests.helpers import tiny_flux2, tiny_models  # noqa: E402
+from tests.helpers import tiny_flux2, tiny_models, tiny_zimage  # noqa: E402
 from tests.helpers.tiny_qwenimage import make_tiny_qwenimage_folder  # noqa: E402
 from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 
@@ -46,7 +46,8 @@ RES = 32
 PROMPTS = ["a red cat", "a small blue dog on the square", "a green circle", "the white photo of a big cross"]
 BUILDERS = {"sd3": tiny_models.make_tiny_sd3_folder, "flux": tiny_models.make_tiny_flux_folder,
             "sdxl": tiny_models.make_tiny_sdxl_folder, "sana": tiny_models.make_tiny_sana_folder,
-            "qwenimage": make_tiny_qwenimage_folder, "flux2": tiny_flux2.make_tiny_flux2_dev_folder}
+            "qwenimage": make_tiny_qwenimage_folder, "flux2": tiny_flux2.make_tiny_flux2_dev_folder,
+            "zimage": tiny_zimage.make_tiny_zimage_folder}
 
 
 def _rel(p: Path) -> str:

@@ -27,7 +27,7 @@ from senseflow.lora import (LoRAConfig, apply_lora, config_from_state_dict, is_l
 from senseflow.schedules import anchors as unit_to_native  # noqa: E402
 from senseflow.student import load_student  # noqa: E402
 from senseflow.teachers.base import Denoiser, SenseflowError  # noqa: E402
-from tests.helpers import tiny_flux2, tiny_models  # noqa: E402
+from tests.helpers import tiny_flux2, tiny_models, tiny_zimage  # noqa: E402
 from tests.helpers.tiny_qwenimage import make_tiny_qwenimage_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -128,7 +128,7 @@ def _lora_run(root: Path, family: str) -> Path:
     teacher = root / "teacher"
     {"sd3": tiny_models.make_tiny_sd3_folder, "sdxl": tiny_models.make_tiny_sdxl_folder,
      "flux": tiny_models.make_tiny_flux_folder, "qwenimage": make_tiny_qwenimage_folder,
-     "flux2": tiny_flux2.make_tiny_flux2_dev_folder}[family](teacher)
+     "flux2": tiny_flux2.make_tiny_flux2_dev_folder, "zimage": tiny_zimage.make_tiny_zimage_folder}[family](teacher)
     options = {} if family == "sdxl" else {"max_sequence_length": 8}
     config = validate({"paths": {"teacher": str(teacher)}, "teacher": {"family": family, "resolution": RES,
                                                                        "options": options},
@@ -160,7 +160,7 @@ def _stock(folder: Path, prompt: str, seed: int, lora: bool) -> torch.Tensor:
                 **info["call"]).images
 
 
-@pytest.mark.parametrize("family", ["sd3", "sdxl", "flux", "qwenimage", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "sdxl", "flux", "qwenimage", "flux2", "zimage"])
 def test_lora_student_exports_and_reloads_with_load_lora_weights(family, tmp_path):
     run = _lora_run(tmp_path, family)
     student = load_student(run)

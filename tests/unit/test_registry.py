@@ -43,7 +43,7 @@ def test_unknown_family_is_one_line_listing_the_known_ones():
     msg = str(err.value)
     assert "\n" not in msg
     assert msg == ("config error: teacher.family: unknown family 'qwen'; known families: "
-                   "toy, sd3, flux, flux2, sdxl, sana, custom, qwenimage")
+                   "toy, sd3, flux, flux2, sdxl, sana, custom, qwenimage, zimage")
 
 
 def test_a_family_from_an_entry_point_validates_and_loads(with_entry_point):
@@ -79,13 +79,13 @@ def test_builtin_descriptors_hold_the_pipeline_facts():
     # SD3 / FLUX pipelines draw the re-noise from the global RNG; SDXL's LCM draws in the model dtype
     assert registry.get("sd3").noise.stream == "global" and registry.get("flux").noise.packed
     assert registry.get("sdxl").noise.stream == "generator" and not registry.get("sdxl").noise.renoise_float32
-    assert registry.diffusers_families() == ("sd3", "flux", "flux2", "sdxl", "sana", "qwenimage")
+    assert registry.diffusers_families() == ("sd3", "flux", "flux2", "sdxl", "sana", "qwenimage", "zimage")
 
 
 def test_shared_modules_do_not_branch_on_family_names():
     """Family knowledge lives in teachers/<family>.py: the shared modules name no built-in diffusers family."""
-    pattern = re.compile(r"""["'](sd3|flux|sdxl|sana)["']""")
+    pattern = re.compile(r"""["'](sd3|flux|flux2|sdxl|sana|qwenimage|zimage)["']""")
     for rel in ("build.py", "lora.py", "generate.py", "student.py", "export_diffusers.py", "config.py",
-                "teachers/loading.py"):
+                "teachers/loading.py", "export_original.py"):
         hits = [line for line in (SRC / rel).read_text().splitlines() if pattern.search(line)]
         assert not hits, (rel, hits)

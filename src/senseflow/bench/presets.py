@@ -42,13 +42,20 @@ values that matter for shapes; anything not listed is the diffusers class defaul
   ``use_linear_projection=True``, ``in_channels=out_channels=4``, ``sample_size=128``; text: 77 tokens
   x 2048 (CLIP-L 768 + CLIP-G 1280), pooled 1280, 6 time ids; VAE: 4 channels, factor 8.
 
+* ``zimage`` -- ``Tongyi-MAI/Z-Image`` (Z-Image-Turbo has the same config), ``ZImageTransformer2DModel``
+  (S3-DiT): ``dim=3840``, ``n_layers=30`` single-stream blocks + ``n_refiner_layers=2`` noise and 2
+  context refiners, ``n_heads=n_kv_heads=30``, ``cap_feat_dim=2560`` (Qwen3-4B), ``in_channels=16``,
+  patch 2, ``axes_dims=(32, 48, 48)``, ``axes_lens=(1536, 512, 512)``, ``rope_theta=256``; text: up to
+  512 Qwen3 tokens x 2560 (all unmasked here: the upper bound); VAE: 16 channels, factor 8; scheduler:
+  static shift 6.0.  6.155B parameters.
+
 Parameter counts of these configs (counted on the meta device, see ``senseflow bench
 --estimate-memory``): sd35-medium 2.24B, sd35-large 8.06B, flux-dev 11.90B (11.89B without the
 guidance embedder), sdxl 2.57B -- the published sizes of those models.
 
 Tiny presets (run anywhere in well under a second per step on a CPU): ``tiny`` (an SD3.5-style
 ``SD3Transformer2DModel``: 2 layers, width 32, qk_norm, one dual-attention layer), ``tiny-flux``,
-``tiny-sdxl`` and ``tiny-custom`` (the pure-PyTorch :func:`senseflow.teachers.custom.tiny_example`).
+``tiny-sdxl``, ``tiny-zimage`` and ``tiny-custom`` (the pure-PyTorch :func:`senseflow.teachers.custom.tiny_example`).
 """
 
 from __future__ import annotations
@@ -248,6 +255,20 @@ SDXL_BASE = {
     "freq_shift": 0, "act_fn": "silu",
 }
 
+#: Tongyi-MAI/Z-Image transformer/config.json (Z-Image-Turbo publishes the same keys); diffusers' defaults otherwise
+ZIMAGE = {
+    "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 3840, "n_layers": 30,
+    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 2560,
+    "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+}
+#: Z-Image's scheduler: static shift 6 (Z-Image-Turbo: 3), no dynamic shifting
+ZIMAGE_SCHEDULER = {"shift": 6.0, "use_dynamic_shifting": False}
+TINY_ZIMAGE = {
+    "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 4, "dim": 32, "n_layers": 2,
+    "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 32, "axes_dims": [4, 6, 6],
+    "axes_lens": [1024, 64, 64],
+}
+
 TINY_SD3 = {
     "sample_size": 32, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 2,
     "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 32,
@@ -317,6 +338,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("flux2-klein-9b", "flux2", "Flux2Transformer2DModel", FLUX2_KLEIN_9B, latent_channels=128,
            vae_factor=16, text_tokens=512, text_dim=12288, pooled_dim=0, default_resolution=1024, real=True,
            scheduler=FLUX2_SCHEDULER, description="FLUX.2-klein 9B (8 double + 24 single blocks, width 4096)"),
+    Preset("tiny-zimage", "zimage", "ZImageTransformer2DModel", TINY_ZIMAGE, latent_channels=4, vae_factor=8,
+           text_tokens=16, text_dim=32, pooled_dim=0, default_resolution=128, scheduler=ZIMAGE_SCHEDULER,
+           description="tiny Z-Image-style single-stream DiT (1+1 refiner, 2 main blocks, width 32)"),
+    Preset("zimage", "zimage", "ZImageTransformer2DModel", ZIMAGE, latent_channels=16, vae_factor=8, text_tokens=512,
+           text_dim=2560, pooled_dim=0, default_resolution=1024, real=True, scheduler=ZIMAGE_SCHEDULER,
+           description="Z-Image 6B (S3-DiT: 2+2 refiner + 30 single-stream blocks, width 3840; 512 caption tokens)"),
     Preset("sdxl", "sdxl", "UNet2DConditionModel", SDXL_BASE, latent_channels=4, vae_factor=8, text_tokens=77,
            text_dim=2048, pooled_dim=1280, default_resolution=1024, real=True,
            description="Stable Diffusion XL base 1.0 UNet"),

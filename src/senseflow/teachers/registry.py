@@ -47,6 +47,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "sana": "senseflow.teachers.sana",
     "custom": "senseflow.teachers.custom",
     "qwenimage": "senseflow.teachers.qwenimage",
+    "zimage": "senseflow.teachers.zimage",
 }
 
 TeacherLoader = Callable[["Config", "torch.device"], "tuple[ModelAdapter, nn.Module]"]
