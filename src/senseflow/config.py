@@ -205,8 +205,9 @@ class Config(StrictModel):
         weight = getattr(self.method, "adversarial_weight", 0.0)
         if self.method.name != "sid" and weight > 0 and self.discriminator is None:
             raise ValueError("method.adversarial_weight > 0 needs a `discriminator:` section (DINOv2 and CLIP paths)")
+        from .lora import same_adapters
         if getattr(self.method, "ida", False) and self.method.name == "senseflow" \
-                and self.generator.lora != self.fake_score.lora:
+                and not same_adapters(self.generator.lora, self.fake_score.lora):
             raise ValueError("method.ida aligns fake score and generator parameters by name: give fake_score.lora "
                              "the same setting as generator.lora (or set method.ida: false)")
         return self

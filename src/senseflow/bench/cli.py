@@ -68,7 +68,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         est = estimate_memory(args.preset, args.method, args.precision, gpus=args.gpus, batch_size=args.batch_size,
                               resolution=args.resolution, activation_checkpointing=args.activation_checkpointing,
                               shard_teacher=not args.no_shard_teacher, strategy=args.strategy,
-                              method_overrides=overrides, checkpoint_teacher=args.checkpoint_teacher)
+                              method_overrides=overrides, checkpoint_teacher=args.checkpoint_teacher,
+                              lora_rank=args.lora_rank, shared_base=not args.no_shared_base)
         print(est.table())
         if args.json:
             _write_json(args.json, {"mode": "estimate", **est.to_dict()})
@@ -145,6 +146,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--strategy", default="auto", choices=("auto", "none", "ddp", "fsdp"),
                    help="auto: fsdp for more than one GPU")
     g.add_argument("--no-shard-teacher", action="store_true", help="replicate the frozen teacher under FSDP")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="generator and fake score are LoRA networks of rank R (family's auto targets)")
+    g.add_argument("--no-shared-base", action="store_true",
+                   help="with --lora-rank: each LoRA network keeps its own base copy (lora.shared_base: false)")
     g.add_argument("--checkpoint-teacher", action="store_true",
                    help="what-if: also checkpoint the teacher's blocks (not implemented in the trainer)")
     p.set_defaults(func=_cmd_bench)

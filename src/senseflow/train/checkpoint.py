@@ -45,9 +45,19 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a module's weights atomically; refused (one line) when any of them is NaN / inf."""
-    tensors = module_tensors(module)
+def checkpoint_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a network: its state without the frozen base it shares with the teacher
+    (``lora.shared_base``: that is the teacher's, reloaded from the teacher folder, never changed)."""
+    from ..shared_base import shared_state_keys
+
+    skip = shared_state_keys(module)
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items() if k not in skip}
+
+
+def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None,
+                     tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a module's weights (or ``tensors``) atomically; refused (one line) when any of them is NaN / inf."""
+    tensors = module_tensors(module) if tensors is None else tensors
     require_finite(tensors, str(path))
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -82,8 +92,13 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_safetensors(module: nn.Module, path: Path) -> None:
+    from ..shared_base import shared_state_keys
+
     state = read_safetensors(path)
+    shared = shared_state_keys(module)   # the teacher's tensors: never overwritten from a checkpoint
+    state = {k: v for k, v in state.items() if k not in shared}
     missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in shared]
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise SenseflowError(f"{str(path)!r} does not match the network ({what}); was it made from another teacher?")
@@ -106,7 +121,7 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], st
     require_finite(state, f"checkpoint step {step} (optimiser / trainer state)")
     tmp.mkdir()
     for name, module in networks.items():
-        save_safetensors(module, tmp / f"{name}.safetensors")
+        save_safetensors(module, tmp / f"{name}.safetensors", tensors=checkpoint_tensors(module))
     for name, tensors in (extra or {}).items():
         save_file(tensors, str(tmp / f"{name}.safetensors"))
     torch.save(state, tmp / STATE_FILE)
