@@ -64,8 +64,8 @@ def deepcopy_shares(module: nn.Module) -> Iterator[None]:
 
     ``make_student`` / ``make_fake_score`` deep-copy the teacher backbone; with this the copy is a
     new module tree over the teacher's tensors, so building allocates no second set of weights.
-    A family method that changed one of those tensors in place (its version counter moved) would
-    have changed the teacher: refused.
+    A family method that changed one of those tensors in place would have changed the teacher:
+    refused when autograd's version counter saw it (writes through ``.data`` bypass the counter).
     """
     tensors = list({id(t): t for t in (*module.parameters(), *module.buffers())}.values())
     versions = [t._version for t in tensors]

@@ -14,6 +14,7 @@ from senseflow.config import apply_overrides, validate
 from senseflow.shared_base import has_shared_base, is_shared, weight_bytes
 from senseflow.train.checkpoint import latest_checkpoint
 from senseflow.train.trainer import TrainerHooks
+from tests.helpers.threads import single_thread  # noqa: F401 -- tiny convs: one intra-op thread
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = yaml.safe_load((ROOT / "configs/examples/tiny_custom.yaml").read_text())

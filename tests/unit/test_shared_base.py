@@ -1,0 +1,151 @@
+"""senseflow.shared_base: one frozen base for LoRA networks; IDA, checkpoints and the memory estimate around it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from senseflow.lora import LoRAConfig, apply_lora, count_lora_parameters, lora_parameters, same_adapters
+from senseflow.methods.dmd2 import IDAPlan
+from senseflow.shared_base import (deepcopy_shares, is_shared, lora_network, share_frozen_base, shared_state_keys,
+                                   wants_shared_base, weight_bytes)
+from senseflow.teachers.base import SenseflowError, freeze
+from tests.helpers.threads import single_thread  # noqa: F401
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 7))
+    net.register_buffer("scale", torch.tensor([2.0]))
+    return freeze(net)
+
+
+def test_deepcopy_inside_the_context_allocates_no_second_base():
+    teacher = _mlp()
+    with deepcopy_shares(teacher):
+        twin = copy.deepcopy(teacher)
+    assert twin is not teacher and twin[0] is not teacher[0]        # a new module tree ...
+    assert twin[0].weight is teacher[0].weight and twin.scale is teacher.scale   # ... over the same tensors
+    assert copy.deepcopy(teacher)[0].weight is not teacher[0].weight              # outside: a real copy again
+
+
+def test_a_family_method_that_writes_the_teacher_in_place_is_refused():
+    teacher = _mlp()
+    with pytest.raises(SenseflowError, match="in place"):
+        with deepcopy_shares(teacher), torch.no_grad():
+            copy.deepcopy(teacher)[0].weight.mul_(2)        # the "copy" IS the teacher's tensor
+
+
+def test_only_equal_tensors_are_shared():
+    teacher = _mlp()
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other[2].bias.add_(1.0)                         # differs: stays its own
+    assert share_frozen_base(other, teacher) == 4       # weight0, bias0, weight2, the buffer
+    assert other[0].weight is teacher[0].weight and other[2].weight is teacher[2].weight
+    assert other[2].bias is not teacher[2].bias and not is_shared(other[2].bias)
+
+
+def test_lora_network_on_a_shared_base_trains_only_its_adapter():
+    teacher = _mlp()
+    cfg = LoRAConfig(rank=2, target_modules="all-linear")
+    gen = lora_network(copy.deepcopy, teacher, cfg, share=True)
+    fake = lora_network(copy.deepcopy, teacher, cfg, share=True)
+    base = {id(p) for p in teacher.parameters()}
+    for net in (gen, fake):
+        assert {id(p) for n, p in net.named_parameters() if "lora_" not in n} == base
+        assert all(not p.requires_grad for p in teacher.parameters())
+    # the adapters are separate objects: the generator's loss reaches only the generator's
+    assert not ({id(p) for p in lora_parameters(gen)} & {id(p) for p in lora_parameters(fake)})
+    with torch.no_grad():
+        for p in lora_parameters(gen):
+            p.normal_()
+    x = torch.randn(4, 3)
+    gen(x).square().sum().backward()
+    assert all(p.grad is not None for p in lora_parameters(gen))
+    assert all(p.grad is None for p in (*lora_parameters(fake), *teacher.parameters()))
+    # a checkpoint of the network keeps its adapters and nothing of the shared base
+    keys = set(gen.state_dict()) - shared_state_keys(gen)
+    assert keys and all("lora_" in k for k in keys)
+    # PEFT with B = 0 at init: the fake score still computes exactly the teacher
+    torch.testing.assert_close(fake(x), teacher(x), rtol=0, atol=0)
+
+
+def test_ida_leaves_a_shared_tensor_alone_and_mixes_the_adapters_by_hand():
+    """phi <- lam*phi + (1-lam)*theta on the adapters; the shared base w must stay w bit for bit."""
+    teacher = _mlp()
+    cfg = LoRAConfig(rank=1, target_modules=["2"])
+    gen = lora_network(copy.deepcopy, teacher, cfg, share=True)
+    fake = lora_network(copy.deepcopy, teacher, cfg, share=True)
+    with torch.no_grad():
+        for p in lora_parameters(gen):
+            p.fill_(3.0)
+        for p in lora_parameters(fake):
+            p.fill_(1.0)
+    w = teacher[2].weight.detach().clone()
+    plan = IDAPlan(fake, gen)
+    assert len(plan) == 2                               # lora_A and lora_B: the shared base is not in the plan
+    plan.apply(0.75)
+    assert torch.equal(teacher[2].weight, w)
+    for p in lora_parameters(fake):                      # 0.75 * 1 + 0.25 * 3 = 1.5
+        assert torch.equal(p, torch.full_like(p, 1.5))
+
+
+def test_count_lora_parameters_by_hand_and_against_peft():
+    net = _mlp()
+    assert count_lora_parameters(net, 2, "all-linear") == (2 * (3 + 5) + 2 * (5 + 7), 4)
+    from senseflow.bench.presets import get_preset
+    for name in ("tiny", "tiny-flux", "tiny-sdxl"):
+        backbone = get_preset(name).build_backbone("cpu", torch.float32, 0)
+        want = count_lora_parameters(backbone, 3, "auto")
+        apply_lora(backbone, rank=3)
+        got = lora_parameters(backbone)
+        assert want == (sum(p.numel() for p in got), len(got)), name
+
+
+def test_shared_base_config_switch():
+    a, b = LoRAConfig(rank=4), LoRAConfig(rank=4, shared_base=False)
+    assert same_adapters(a, b) and not same_adapters(a, LoRAConfig(rank=8)) and same_adapters(None, None)
+    assert wants_shared_base(a, "generator", sharded=False) and not wants_shared_base(b, "generator", False)
+    assert not wants_shared_base(None, "generator", False)
+    with pytest.warns(UserWarning, match="single-process"):
+        assert not wants_shared_base(a, "generator", sharded=True)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-flux", "tiny-sdxl", "tiny-custom"])
+def test_tiny_presets_weight_bytes_shared_base_is_under_half_of_three_copies(name):
+    """Allocated bytes (distinct storages) of a CPU build: one base + two adapters vs three bases + two adapters."""
+    from senseflow.bench.presets import get_preset
+    from senseflow.bench.shared_base_table import measure_weight_bytes
+
+    three = measure_weight_bytes(name, 2, shared=False)
+    shared = measure_weight_bytes(name, 2, shared=True)
+    backbone = get_preset(name).build_backbone("cpu", torch.float32, 0)
+    base = weight_bytes(backbone)
+    adapters = 4 * count_lora_parameters(get_preset(name).build_backbone(
+        "meta", torch.float32, config=get_preset(name).student_config()), 2)[0]
+    assert shared == base + 2 * adapters
+    assert shared < 0.5 * three
+    if name != "tiny-flux":        # FLUX's student and fake score lack the guidance embedder
+        assert three == 3 * base + 2 * adapters
+
+
+def test_memory_estimate_knows_the_shared_base_and_matches_the_cpu_build():
+    from senseflow.bench.memory import estimate_memory
+    from senseflow.bench.shared_base_table import measure_weight_bytes
+
+    rows = ("teacher weights", "generator weights", "fake_score weights")
+    est = {s: estimate_memory("tiny", "senseflow", "fp32", lora_rank=2, shared_base=s) for s in (False, True)}
+    weights = {s: sum(r.bytes for r in e.static if r.component in rows) for s, e in est.items()}
+    assert weights[True] == measure_weight_bytes("tiny", 2, shared=True)
+    assert weights[False] == measure_weight_bytes("tiny", 2, shared=False)
+    opt = {s: {r.component: r.bytes for r in e.static}["generator optimiser state (Adam m, v, step)"]
+           for s, e in est.items()}
+    lora_p, lora_t = count_lora_parameters(__import__("senseflow.bench.presets", fromlist=["x"]).get_preset(
+        "tiny").build_backbone("meta", torch.float32), 2)
+    assert opt[True] == opt[False] == 2 * 4 * lora_p + 4 * lora_t   # Adam m, v (fp32) + a step per tensor
+    with pytest.raises(SenseflowError, match="lora-rank"):
+        estimate_memory("tiny", "senseflow", "fp32", lora_rank=0)
