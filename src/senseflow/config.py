@@ -105,8 +105,9 @@ class GeneratorConfig(StrictModel):
                                  description="unit (unshifted, index/1000) anchor times, strictly decreasing in (0, 1]")
     sampler: Literal["stochastic", "euler"] = Field(
         "stochastic", description="stochastic: fresh noise at every anchor (SenseFlow tables); euler: deterministic")
-    lora: LoRAConfig | None = Field(None, description="train LoRA adapters on a frozen copy of the teacher instead "
-                                                      "of the whole backbone: {rank, alpha, target_modules}")
+    lora: LoRAConfig | None = Field(None, description="train LoRA adapters on the teacher's frozen base instead "
+                                                      "of the whole backbone: {rank, alpha, target_modules, "
+                                                      "shared_base}")
     ema: EMAConfig | None = Field(None, description="keep an fp32 EMA of the generator (served by sample grids, "
                                   "evaluation, student/, generate and export): {decay | halflife_kimg, "
                                   "rampup_ratio, start_step, weights}; docs/config.md#generatorema")

@@ -10,9 +10,10 @@ other ``nn.Module``), so that
 * the adapter weights export with the family pipeline's ``save_lora_weights`` and reload with the
   stock ``pipe.load_lora_weights(folder)`` (:func:`save_diffusers_lora`).
 
-Wiring (the builder): after ``student = adapter.make_student(backbone).requires_grad_(True).train()``
-call ``student = maybe_apply_lora(student, config.generator.lora)`` (and the same for the fake
-score with ``config.fake_score.lora``).  The trainer collects the parameters that require grad when
+Wiring (the builder): ``student = shared_base.lora_network(adapter.make_student, backbone,
+config.generator.lora, share)`` -- ``make_student`` then :func:`maybe_apply_lora`, and with
+``lora.shared_base`` the frozen base tensors ARE the teacher's (:mod:`senseflow.shared_base`) --
+and the same for the fake score with ``config.fake_score.lora``.  The trainer collects the parameters that require grad when
 it is built, so only the adapter weights get an optimizer state.  SenseFlow's IDA matches the
 generator's and fake score's parameters by NAME: give both the same LoRA setting (or none), else
 the adapted layers are not aligned.

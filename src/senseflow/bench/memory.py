@@ -6,7 +6,10 @@ What is counted (``senseflow bench --estimate-memory`` prints every row):
   x bytes per element, plus buffers (e.g. SD3's positional-embedding table; never sharded): the
   frozen teacher in bf16 (``amp_bf16`` / ``bf16``) or fp32 (``fp32``); the
   generator and fake score in fp32 (``fp32``; ``amp_bf16`` keeps fp32 master weights) or bf16
-  (``bf16``).  FLUX's student and fake score lack the guidance embedder, as the adapter builds them;
+  (``bf16``).  FLUX's student and fake score lack the guidance embedder, as the adapter builds them.
+  With ``lora_rank`` only the adapters are trainable (counted on the family's ``auto`` targets); the
+  frozen base is stored like the teacher's and, with ``shared_base`` on one GPU, IS the teacher's
+  (``lora.shared_base``: 0 extra bytes);
 * **gradients** -- one per trainable parameter, in the parameter dtype, and only during the
   network's own phase: ``Trainer.run_phase`` frees them right after the optimiser step
   (``zero_grad(set_to_none=True)``), so at most one network holds gradients at a time;
