@@ -149,3 +149,60 @@ def test_memory_estimate_knows_the_shared_base_and_matches_the_cpu_build():
     assert opt[True] == opt[False] == 2 * 4 * lora_p + 4 * lora_t   # Adam m, v (fp32) + a step per tensor
     with pytest.raises(SenseflowError, match="lora-rank"):
         estimate_memory("tiny", "senseflow", "fp32", lora_rank=0)
+
+
+def _shared_models(seed: int, share: bool):
+    """Tiny SD3 preset: teacher + LoRA generator + LoRA fake score (adapters' B random, so they matter)."""
+    from senseflow.bench.presets import get_preset
+    from senseflow.teachers.base import Denoiser
+
+    preset = get_preset("tiny")
+    adapter = preset.make_adapter(preset.default_resolution, torch.device("cpu"), torch.float32)
+    teacher = freeze(preset.build_backbone("cpu", torch.float32, seed))
+    torch.manual_seed(seed)
+    cfg = LoRAConfig(rank=2)
+    nets = [lora_network(make, teacher, cfg, share) for make in (adapter.make_student, adapter.make_fake_score)]
+    with torch.no_grad():
+        for net in nets:
+            for n, p in net.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    return preset, adapter, [Denoiser(m, adapter) for m in (teacher, *nets)]
+
+
+@pytest.mark.slow  # ~60 s on a loaded 2-core CPU: TorchDynamo + AOT autograd tracing of the tiny SD3 blocks of three networks
+def test_shared_base_with_checkpointing_and_compiled_blocks_equals_three_eager_copies():
+    """train.compile (aot_eager, see test_compiled.py) + activation checkpointing on a shared base == eager copies."""
+    from types import SimpleNamespace
+
+    from senseflow.train.compiled import compile_models
+    from senseflow.train.distributed import checkpoint_blocks
+
+    preset, adapter, eager = _shared_models(0, share=False)
+    _, _, shared = _shared_models(0, share=True)
+    for d in shared[1:]:
+        checkpoint_blocks(d.backbone, adapter.block_names(d.backbone))
+    models = SimpleNamespace(teacher=shared[0], generator=SimpleNamespace(denoiser=shared[1]), fake_score=shared[2])
+    assert compile_models(models, "blocks", backend="aot_eager") == 6
+    cond = preset.conditioning(2, torch.device("cpu"), torch.float32, seed=0)
+    x = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.7, 0.3])
+
+    def run(nets):
+        teacher, gen, fake = nets
+        with torch.no_grad():
+            real = teacher(x, t, cond)
+        out = gen(x, t, cond)
+        (out.square().sum() + fake(out.detach(), t, cond).square().sum()).backward()
+        grads = {f"{i}/{n}": p.grad for i, d in enumerate((gen, fake)) for n, p in d.named_parameters()
+                 if p.requires_grad}
+        return real, out.detach(), grads
+
+    (re, oe, ge), (rs, os_, gs) = run(eager), run(shared)
+    torch.testing.assert_close(rs, re, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(os_, oe, rtol=1e-5, atol=1e-6)
+    assert ge.keys() == gs.keys() and ge
+    for k in ge:
+        assert ge[k] is not None and gs[k] is not None, k
+        torch.testing.assert_close(gs[k], ge[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert all(p.grad is None for p in shared[0].parameters())    # the teacher (= the shared base) gets none
