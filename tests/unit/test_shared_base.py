@@ -206,3 +206,20 @@ def test_shared_base_with_checkpointing_and_compiled_blocks_equals_three_eager_c
         assert ge[k] is not None and gs[k] is not None, k
         torch.testing.assert_close(gs[k], ge[k], rtol=1e-4, atol=1e-6, msg=k)
     assert all(p.grad is None for p in shared[0].parameters())    # the teacher (= the shared base) gets none
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_bench_runner_lora_resident_tensors_equal_the_estimate(shared):
+    """``senseflow bench --lora-rank 2`` on the tiny preset: measured weights and Adam state == the estimate."""
+    from senseflow.bench.memory import compare_with_run, estimate_memory
+    from senseflow.bench.runner import BenchSettings, run_benchmark
+
+    result = run_benchmark(BenchSettings(preset="tiny", method="senseflow", iterations=1, warmup=0, count_flops=False,
+                                         count_passes=False, device="cpu", lora_rank=2, shared_base=shared))
+    est = estimate_memory("tiny", "senseflow", "fp32", batch_size=2, lora_rank=2, shared_base=shared)
+    rows = {name: (e, m) for name, e, m in compare_with_run(est, result) if "weights" in name or "optimiser" in name}
+    assert len(rows) == 5 and all(e == m for e, m in rows.values()), rows
+    gen_weights = rows["generator weights (+ buffers)"][1]
+    adapters = 4 * count_lora_parameters(__import__("senseflow.bench.presets", fromlist=["x"]).get_preset(
+        "tiny").build_backbone("meta", torch.float32), 2)[0]
+    assert (gen_weights == adapters) is shared          # shared: the generator owns only its adapters

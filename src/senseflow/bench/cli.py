@@ -48,6 +48,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--activation-checkpointing")
     if args.compile:
         parts.append("--compile")
+    if args.lora_rank:
+        parts += ["--lora-rank", str(args.lora_rank)] + (["--no-shared-base"] if args.no_shared_base else [])
     for item in args.set or []:
         parts += ["--set", item]
     return " ".join(parts)
@@ -82,7 +84,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              precision=args.precision, device=args.device,
                              activation_checkpointing=args.activation_checkpointing, method_overrides=overrides,
                              count_flops=not args.no_flops, count_passes=not args.no_passes, compile=args.compile, peak_tflops=args.peak_tflops,
-                             measure_saved=args.compare_estimate, seed=args.seed, allow_cpu=args.allow_cpu)
+                             measure_saved=args.compare_estimate, seed=args.seed, allow_cpu=args.allow_cpu,
+                             lora_rank=args.lora_rank, shared_base=not args.no_shared_base)
     result = run_benchmark(settings)
     if result["world_size"] > 1:
         import torch.distributed as dist
@@ -95,7 +98,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         est = estimate_memory(args.preset, args.method, args.precision, gpus=result["world_size"],
                               batch_size=args.batch_size, resolution=args.resolution,
-                              activation_checkpointing=args.activation_checkpointing, method_overrides=overrides)
+                              activation_checkpointing=args.activation_checkpointing, method_overrides=overrides,
+                              lora_rank=args.lora_rank, shared_base=not args.no_shared_base)
         rows = compare_with_run(est, result)
         print(format_comparison(rows))
         payload["estimate_comparison"] = [{"quantity": n, "estimated": e, "measured": m} for n, e, m in rows]
@@ -136,6 +140,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU (override)")
     p.add_argument("--compare-estimate", action="store_true",
                    help="also print the memory estimate of this setup next to the measured numbers")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="run / estimate with LoRA generator and fake score of rank R (family's auto targets)")
+    p.add_argument("--no-shared-base", action="store_true",
+                   help="with --lora-rank: each LoRA network keeps its own base copy (lora.shared_base: false)")
     p.add_argument("--allow-cpu", action="store_true", help="run a real-shape preset on a CPU anyway (slow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
@@ -146,10 +154,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--strategy", default="auto", choices=("auto", "none", "ddp", "fsdp"),
                    help="auto: fsdp for more than one GPU")
     g.add_argument("--no-shard-teacher", action="store_true", help="replicate the frozen teacher under FSDP")
-    g.add_argument("--lora-rank", type=int, default=None, metavar="R",
-                   help="generator and fake score are LoRA networks of rank R (family's auto targets)")
-    g.add_argument("--no-shared-base", action="store_true",
-                   help="with --lora-rank: each LoRA network keeps its own base copy (lora.shared_base: false)")
     g.add_argument("--checkpoint-teacher", action="store_true",
                    help="what-if: also checkpoint the teacher's blocks (not implemented in the trainer)")
     p.set_defaults(func=_cmd_bench)

@@ -216,9 +216,12 @@ class ActivationProfile:
 
 
 def _measure_once(preset: Preset, config: dict[str, Any], resolution: int, dtype: torch.dtype, mode: GradMode,
-                  batch: int) -> tuple[int, int, int, dict[str, int]]:
+                  batch: int, lora_rank: int = 0) -> tuple[int, int, int, dict[str, int]]:
     model = preset.build_backbone("meta", dtype, config=config)
     model.requires_grad_(mode == "params")
+    if lora_rank and mode == "params":   # only the adapters train: frozen linears save no inputs of their own
+        from ..lora import apply_lora
+        apply_lora(model, rank=lora_rank)
     kwargs = preset.backbone_inputs(batch, resolution, "meta", dtype, config=config)
     if mode == "input":
         first = next(iter(kwargs))
@@ -238,27 +241,29 @@ def _measure_once(preset: Preset, config: dict[str, Any], resolution: int, dtype
 
 @functools.lru_cache(maxsize=64)
 def _profile_cached(preset_name: str, student: bool, resolution: int, dtype: torch.dtype,
-                    mode: GradMode) -> ActivationProfile:
+                    mode: GradMode, lora_rank: int = 0) -> ActivationProfile:
     preset = get_preset(preset_name)
     config = preset.student_config() if student else dict(preset.config)
-    t1, o1, i1, b1 = _measure_once(preset, config, resolution, dtype, mode, 1)
-    t2, o2, i2, b2 = _measure_once(preset, config, resolution, dtype, mode, 2)
+    t1, o1, i1, b1 = _measure_once(preset, config, resolution, dtype, mode, 1, lora_rank)
+    t2, o2, i2, b2 = _measure_once(preset, config, resolution, dtype, mode, 2, lora_rank)
     return ActivationProfile(total=Linear.fit(t1, t2), outside_blocks=Linear.fit(o1, o2),
                              block_inputs=Linear.fit(i1, i2),
                              blocks=tuple(Linear.fit(b1[n], b2[n]) for n in b1))
 
 
 def activation_profile(preset: Preset | str, network: str, resolution: int, dtype: torch.dtype,
-                       mode: GradMode) -> ActivationProfile:
+                       mode: GradMode, lora_rank: int = 0) -> ActivationProfile:
     """Saved bytes of ``network`` (``teacher`` / ``generator`` / ``fake_score``) in a forward of ``mode``.
 
     ``params``: trainable weights (the network being trained); ``input``: frozen weights with a
     gradient to the image input (SiD's teacher / fake score in G's phase); ``none``: no graph.
+    ``lora_rank``: a trainable network (``params``) is a LoRA network of that rank (PEFT on the meta build).
     """
     name = preset if isinstance(preset, str) else preset.name
     if mode == "none":
         return ActivationProfile(Linear(0, 0), Linear(0, 0), Linear(0, 0), ())
-    return _profile_cached(name, network != "teacher", int(resolution), dtype, mode)
+    lora = int(lora_rank) if network != "teacher" and mode == "params" else 0
+    return _profile_cached(name, network != "teacher", int(resolution), dtype, mode, lora)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -523,7 +528,7 @@ def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precis
             max_mult = max(max_mult, fw.batch_mult)
             dtype = compute_dtype
             prof_mode: GradMode = fw.grad if fw.grad != "none" else "params"
-            profile = activation_profile(preset, fw.network, resolution, dtype, prof_mode)
+            profile = activation_profile(preset, fw.network, resolution, dtype, prof_mode, int(lora_rank or 0))
             largest_block = max(largest_block, profile.largest_block(batch))
             if fw.grad == "none":
                 continue
@@ -551,8 +556,8 @@ def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precis
     if precision == "amp_bf16" and shard == 1:
         notes.append("AMP without FSDP: autocast's bf16 weight copies are saved for backward")
     if lora_rank:
-        notes.append("LoRA: activations measured with every weight trainable (a LoRA network's frozen linears save "
-                     "no inputs of their own; its adapters save the same inputs plus rank-r products)")
+        notes.append("LoRA: the trained network's activations are measured with the adapters applied (PEFT on the "
+                     "meta build); frozen networks differentiated through the input (SiD) are measured without them")
         if shared_base and not share:
             notes.append("lora.shared_base is single-process: with FSDP each network keeps its own base (as the "
                          "trainer does)")
