@@ -130,3 +130,19 @@ def test_shared_base_in_bf16_keeps_the_base_in_teacher_dtype(tmp_path):
     assert teacher_dtypes == {torch.float32}    # teacher.dtype of the tiny config: not cast by the student's bf16
     lora = [p for n, p in models.generator.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.bfloat16 for p in lora)
+
+
+@pytest.mark.parametrize("first,then", [(False, True), (True, False)])
+def test_a_run_resumes_across_the_shared_base_switch(first, then, tmp_path):
+    """Copies -> shared base and back: the checkpoint resumes (the base is the teacher's either way), same adapters."""
+    straight, _, _, _ = _record(_config(tmp_path / "straight", then, "senseflow"))
+    api.train(_config(tmp_path / "split", first, "senseflow", "train.steps=2"))
+    meta = json.loads((latest_checkpoint(tmp_path / "split") / "meta.json").read_text())
+    assert meta.get("shared_base", []) == (["fake_score", "generator"] if first else [])
+    resumed = api.train(_config(tmp_path / "split", then, "senseflow"), resume="auto")
+    assert resumed.step == STEPS
+    assert has_shared_base(resumed.method.models.generator) is then
+    a, b = _adapters(straight), _adapters(resumed)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=RTOL, atol=ATOL, msg=k)
