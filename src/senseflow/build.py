@@ -84,15 +84,19 @@ def load_teacher(config: Config, device: torch.device, meta: bool = False) -> tu
 
 
 def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool = False,
-                 sharded: bool = False) -> DistillationModels:
+                 sharded: bool | None = None) -> DistillationModels:
     """``meta``: teacher, student and fake score without weights (see :func:`load_teacher`); they are
     filled from rank 0 by :func:`senseflow.train.distributed.parallelize` (``broadcast_from_rank0``).
     ``sharded``: the networks will be FSDP2-sharded (multi-process), so a LoRA network keeps its own
-    base copy even with ``lora.shared_base`` (:mod:`senseflow.shared_base`)."""
+    base copy even with ``lora.shared_base`` (:mod:`senseflow.shared_base`); ``None``: whenever a
+    process group of more than one rank is initialised."""
     adapter, backbone = load_teacher(config, device, meta=meta)
     teacher = Denoiser(freeze(backbone), adapter)
     from .shared_base import lora_network, wants_shared_base
 
+    if sharded is None:
+        import torch.distributed as dist
+        sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     sharded = sharded or meta
     student = lora_network(adapter.make_student, backbone, config.generator.lora,
                            wants_shared_base(config.generator.lora, "generator", sharded))
