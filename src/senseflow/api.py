@@ -17,7 +17,8 @@ from .teachers.base import SenseflowError
 from .train import rundir
 from .train.checkpoint import latest_checkpoint, read_meta
 from .train.compiled import compile_models
-from .train.distributed import DistContext, builds_on_meta, init_distributed, parallelize
+from .shared_base import has_shared_base
+from .train.distributed import DistContext, builds_on_meta, init_distributed, parallelize, resolve_strategy
 from .train.lock import holds, lock_run_dir, release, write_pid
 from .train.precision import cast_trainable, master_dtype
 from .train.preflight import check_batch_memory
@@ -105,9 +106,10 @@ def _build(config: Config, ctx: DistContext, run_dir: Path, ckpt: Path | None, h
     device = ctx.device
     from .evaluation.train_eval import attach_train_eval
     hooks = attach_train_eval(config, hooks, ctx.is_main, device)   # train.eval (metric weights checked here)
-    models = build_models(config, device, ctx.rank, meta=builds_on_meta(config.parallel, ctx))
+    models = build_models(config, device, ctx.rank, meta=builds_on_meta(config.parallel, ctx),
+                          sharded=resolve_strategy(config.parallel.strategy, ctx) != "none")
     for net in (models.generator, models.fake_score):
-        if config.train.precision == "bf16":
+        if config.train.precision == "bf16" and not has_shared_base(net):  # a shared base keeps teacher.dtype
             net.to(torch.bfloat16)
         else:  # fp32 master weights (and so fp32 optimiser state) whatever teacher.dtype is
             cast_trainable(net, master_dtype(config.train.precision))

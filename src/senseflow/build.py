@@ -83,18 +83,27 @@ def load_teacher(config: Config, device: torch.device, meta: bool = False) -> tu
     return adapter, backbone
 
 
-def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool = False) -> DistillationModels:
+def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool = False,
+                 sharded: bool | None = None) -> DistillationModels:
     """``meta``: teacher, student and fake score without weights (see :func:`load_teacher`); they are
-    filled from rank 0 by :func:`senseflow.train.distributed.parallelize` (``broadcast_from_rank0``)."""
+    filled from rank 0 by :func:`senseflow.train.distributed.parallelize` (``broadcast_from_rank0``).
+    ``sharded``: the networks will be FSDP2-sharded (multi-process), so a LoRA network keeps its own
+    base copy even with ``lora.shared_base`` (:mod:`senseflow.shared_base`); ``None``: whenever a
+    process group of more than one rank is initialised."""
     adapter, backbone = load_teacher(config, device, meta=meta)
     teacher = Denoiser(freeze(backbone), adapter)
-    from .lora import maybe_apply_lora
+    from .shared_base import lora_network, wants_shared_base
 
-    student = maybe_apply_lora(adapter.make_student(backbone).requires_grad_(True).train(), config.generator.lora)
+    if sharded is None:
+        import torch.distributed as dist
+        sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    sharded = sharded or meta
+    student = lora_network(adapter.make_student, backbone, config.generator.lora,
+                           wants_shared_base(config.generator.lora, "generator", sharded))
     generator = FewStepGenerator(Denoiser(student, adapter),
                                  config.method.native_anchors(adapter.schedule, config.generator.anchors))
-    fake = Denoiser(maybe_apply_lora(adapter.make_fake_score(backbone).requires_grad_(True).train(),
-                                     config.fake_score.lora), adapter)
+    fake = Denoiser(lora_network(adapter.make_fake_score, backbone, config.fake_score.lora,
+                                 wants_shared_base(config.fake_score.lora, "fake_score", sharded)), adapter)
     gan_head = getattr(config.method, "gan_head", None)
     if gan_head is not None and gan_head.enabled:  # before parallelize: it is sharded with the fake score
         from .discriminators.dmd2_head import attach_gan_head, check_gan_data

@@ -105,8 +105,9 @@ class GeneratorConfig(StrictModel):
                                  description="unit (unshifted, index/1000) anchor times, strictly decreasing in (0, 1]")
     sampler: Literal["stochastic", "euler"] = Field(
         "stochastic", description="stochastic: fresh noise at every anchor (SenseFlow tables); euler: deterministic")
-    lora: LoRAConfig | None = Field(None, description="train LoRA adapters on a frozen copy of the teacher instead "
-                                                      "of the whole backbone: {rank, alpha, target_modules}")
+    lora: LoRAConfig | None = Field(None, description="train LoRA adapters on the teacher's frozen base instead "
+                                                      "of the whole backbone: {rank, alpha, target_modules, "
+                                                      "shared_base}")
     ema: EMAConfig | None = Field(None, description="keep an fp32 EMA of the generator (served by sample grids, "
                                   "evaluation, student/, generate and export): {decay | halflife_kimg, "
                                   "rampup_ratio, start_step, weights}; docs/config.md#generatorema")
@@ -205,8 +206,9 @@ class Config(StrictModel):
         weight = getattr(self.method, "adversarial_weight", 0.0)
         if self.method.name != "sid" and weight > 0 and self.discriminator is None:
             raise ValueError("method.adversarial_weight > 0 needs a `discriminator:` section (DINOv2 and CLIP paths)")
+        from .lora import same_adapters
         if getattr(self.method, "ida", False) and self.method.name == "senseflow" \
-                and self.generator.lora != self.fake_score.lora:
+                and not same_adapters(self.generator.lora, self.fake_score.lora):
             raise ValueError("method.ida aligns fake score and generator parameters by name: give fake_score.lora "
                              "the same setting as generator.lora (or set method.ida: false)")
         return self

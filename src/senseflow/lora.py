@@ -10,9 +10,10 @@ other ``nn.Module``), so that
 * the adapter weights export with the family pipeline's ``save_lora_weights`` and reload with the
   stock ``pipe.load_lora_weights(folder)`` (:func:`save_diffusers_lora`).
 
-Wiring (the builder): after ``student = adapter.make_student(backbone).requires_grad_(True).train()``
-call ``student = maybe_apply_lora(student, config.generator.lora)`` (and the same for the fake
-score with ``config.fake_score.lora``).  The trainer collects the parameters that require grad when
+Wiring (the builder): ``student = shared_base.lora_network(adapter.make_student, backbone,
+config.generator.lora, share)`` -- ``make_student`` then :func:`maybe_apply_lora`, and with
+``lora.shared_base`` the frozen base tensors ARE the teacher's (:mod:`senseflow.shared_base`) --
+and the same for the fake score with ``config.fake_score.lora``.  The trainer collects the parameters that require grad when
 it is built, so only the adapter weights get an optimizer state.  SenseFlow's IDA matches the
 generator's and fake score's parameters by NAME: give both the same LoRA setting (or none), else
 the adapted layers are not aligned.
@@ -47,6 +48,10 @@ class LoRAConfig(StrictModel):
         "auto", description="module names (suffix match, e.g. to_q, attn.to_out.0); auto: the family's attention "
                             "projections; all-linear: every nn.Linear")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch")
+    shared_base: bool = Field(
+        True, description="single-process runs: this network's frozen base IS the teacher's weights (one copy "
+                          "of the base for teacher, generator and fake score, not three; same maths); false = "
+                          "its own copy.  Multi-process (FSDP2) runs always keep a copy (docs/performance.md)")
 
     @field_validator("target_modules")
     @classmethod
@@ -59,6 +64,17 @@ class LoRAConfig(StrictModel):
     @property
     def resolved_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
+
+    def adapter_settings(self) -> dict[str, Any]:
+        """The settings that shape the adapters (IDA needs the generator's and fake score's to agree)."""
+        return self.model_dump(exclude={"shared_base"})
+
+
+def same_adapters(a: LoRAConfig | None, b: LoRAConfig | None) -> bool:
+    """Whether two networks get the same adapters (``shared_base`` aside): IDA then matches every adapter by name."""
+    if a is None or b is None:
+        return a is b
+    return a.adapter_settings() == b.adapter_settings()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -92,6 +108,26 @@ def resolve_targets(backbone: nn.Module, target_modules: Sequence[str] | str = "
         raise SenseflowError(f"lora.target_modules {targets[:4]} match no nn.Linear in {type(backbone).__name__} "
                              f"(e.g. {sorted(names)[:4]}): use module names such as to_q / attn.to_out.0")
     return targets
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def count_lora_parameters(backbone: nn.Module, rank: int,
+                          target_modules: Sequence[str] | str = "auto") -> tuple[int, int]:
+    """``(elements, tensors)`` of the LoRA adapters :func:`apply_lora` would add to ``backbone`` (no PEFT needed).
+
+    Each adapted ``nn.Linear(in, out)`` gets ``A: rank x in`` and ``B: out x rank``; works on a
+    ``meta``-device build (the memory estimate counts a 12B model without allocating it).
+    """
+    targets = resolve_targets(backbone, target_modules)
+    elements = tensors = 0
+    for name, sub in backbone.named_modules():
+        if name and isinstance(sub, nn.Linear) and _matches(name, targets):
+            elements += rank * (sub.in_features + sub.out_features)
+            tensors += 2
+    return elements, tensors
 
 
 def peft_available() -> bool:

@@ -48,6 +48,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--activation-checkpointing")
     if args.compile:
         parts.append("--compile")
+    if args.lora_rank:
+        parts += ["--lora-rank", str(args.lora_rank)] + (["--no-shared-base"] if args.no_shared_base else [])
     for item in args.set or []:
         parts += ["--set", item]
     return " ".join(parts)
@@ -68,7 +70,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         est = estimate_memory(args.preset, args.method, args.precision, gpus=args.gpus, batch_size=args.batch_size,
                               resolution=args.resolution, activation_checkpointing=args.activation_checkpointing,
                               shard_teacher=not args.no_shard_teacher, strategy=args.strategy,
-                              method_overrides=overrides, checkpoint_teacher=args.checkpoint_teacher)
+                              method_overrides=overrides, checkpoint_teacher=args.checkpoint_teacher,
+                              lora_rank=args.lora_rank, shared_base=not args.no_shared_base)
         print(est.table())
         if args.json:
             _write_json(args.json, {"mode": "estimate", **est.to_dict()})
@@ -81,7 +84,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                              precision=args.precision, device=args.device,
                              activation_checkpointing=args.activation_checkpointing, method_overrides=overrides,
                              count_flops=not args.no_flops, count_passes=not args.no_passes, compile=args.compile, peak_tflops=args.peak_tflops,
-                             measure_saved=args.compare_estimate, seed=args.seed, allow_cpu=args.allow_cpu)
+                             measure_saved=args.compare_estimate, seed=args.seed, allow_cpu=args.allow_cpu,
+                             lora_rank=args.lora_rank, shared_base=not args.no_shared_base)
     result = run_benchmark(settings)
     if result["world_size"] > 1:
         import torch.distributed as dist
@@ -94,7 +98,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         est = estimate_memory(args.preset, args.method, args.precision, gpus=result["world_size"],
                               batch_size=args.batch_size, resolution=args.resolution,
-                              activation_checkpointing=args.activation_checkpointing, method_overrides=overrides)
+                              activation_checkpointing=args.activation_checkpointing, method_overrides=overrides,
+                              lora_rank=args.lora_rank, shared_base=not args.no_shared_base)
         rows = compare_with_run(est, result)
         print(format_comparison(rows))
         payload["estimate_comparison"] = [{"quantity": n, "estimated": e, "measured": m} for n, e, m in rows]
@@ -135,6 +140,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s per device for MFU (override)")
     p.add_argument("--compare-estimate", action="store_true",
                    help="also print the memory estimate of this setup next to the measured numbers")
+    p.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="run / estimate with LoRA generator and fake score of rank R (family's auto targets)")
+    p.add_argument("--no-shared-base", action="store_true",
+                   help="with --lora-rank: each LoRA network keeps its own base copy (lora.shared_base: false)")
     p.add_argument("--allow-cpu", action="store_true", help="run a real-shape preset on a CPU anyway (slow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")

@@ -6,7 +6,10 @@ What is counted (``senseflow bench --estimate-memory`` prints every row):
   x bytes per element, plus buffers (e.g. SD3's positional-embedding table; never sharded): the
   frozen teacher in bf16 (``amp_bf16`` / ``bf16``) or fp32 (``fp32``); the
   generator and fake score in fp32 (``fp32``; ``amp_bf16`` keeps fp32 master weights) or bf16
-  (``bf16``).  FLUX's student and fake score lack the guidance embedder, as the adapter builds them;
+  (``bf16``).  FLUX's student and fake score lack the guidance embedder, as the adapter builds them.
+  With ``lora_rank`` only the adapters are trainable (counted on the family's ``auto`` targets); the
+  frozen base is stored like the teacher's and, with ``shared_base`` on one GPU, IS the teacher's
+  (``lora.shared_base``: 0 extra bytes);
 * **gradients** -- one per trainable parameter, in the parameter dtype, and only during the
   network's own phase: ``Trainer.run_phase`` frees them right after the optimiser step
   (``zero_grad(set_to_none=True)``), so at most one network holds gradients at a time;
@@ -213,9 +216,12 @@ class ActivationProfile:
 
 
 def _measure_once(preset: Preset, config: dict[str, Any], resolution: int, dtype: torch.dtype, mode: GradMode,
-                  batch: int) -> tuple[int, int, int, dict[str, int]]:
+                  batch: int, lora_rank: int = 0) -> tuple[int, int, int, dict[str, int]]:
     model = preset.build_backbone("meta", dtype, config=config)
     model.requires_grad_(mode == "params")
+    if lora_rank and mode == "params":   # only the adapters train: frozen linears save no inputs of their own
+        from ..lora import apply_lora
+        apply_lora(model, rank=lora_rank)
     kwargs = preset.backbone_inputs(batch, resolution, "meta", dtype, config=config)
     if mode == "input":
         first = next(iter(kwargs))
@@ -235,27 +241,29 @@ def _measure_once(preset: Preset, config: dict[str, Any], resolution: int, dtype
 
 @functools.lru_cache(maxsize=64)
 def _profile_cached(preset_name: str, student: bool, resolution: int, dtype: torch.dtype,
-                    mode: GradMode) -> ActivationProfile:
+                    mode: GradMode, lora_rank: int = 0) -> ActivationProfile:
     preset = get_preset(preset_name)
     config = preset.student_config() if student else dict(preset.config)
-    t1, o1, i1, b1 = _measure_once(preset, config, resolution, dtype, mode, 1)
-    t2, o2, i2, b2 = _measure_once(preset, config, resolution, dtype, mode, 2)
+    t1, o1, i1, b1 = _measure_once(preset, config, resolution, dtype, mode, 1, lora_rank)
+    t2, o2, i2, b2 = _measure_once(preset, config, resolution, dtype, mode, 2, lora_rank)
     return ActivationProfile(total=Linear.fit(t1, t2), outside_blocks=Linear.fit(o1, o2),
                              block_inputs=Linear.fit(i1, i2),
                              blocks=tuple(Linear.fit(b1[n], b2[n]) for n in b1))
 
 
 def activation_profile(preset: Preset | str, network: str, resolution: int, dtype: torch.dtype,
-                       mode: GradMode) -> ActivationProfile:
+                       mode: GradMode, lora_rank: int = 0) -> ActivationProfile:
     """Saved bytes of ``network`` (``teacher`` / ``generator`` / ``fake_score``) in a forward of ``mode``.
 
     ``params``: trainable weights (the network being trained); ``input``: frozen weights with a
     gradient to the image input (SiD's teacher / fake score in G's phase); ``none``: no graph.
+    ``lora_rank``: a trainable network (``params``) is a LoRA network of that rank (PEFT on the meta build).
     """
     name = preset if isinstance(preset, str) else preset.name
     if mode == "none":
         return ActivationProfile(Linear(0, 0), Linear(0, 0), Linear(0, 0), ())
-    return _profile_cached(name, network != "teacher", int(resolution), dtype, mode)
+    lora = int(lora_rank) if network != "teacher" and mode == "params" else 0
+    return _profile_cached(name, network != "teacher", int(resolution), dtype, mode, lora)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -416,6 +424,16 @@ def _param_stats(preset_name: str, student: bool) -> ParamStats:
     return ParamStats(count_parameters(model), sum(1 for _ in model.parameters()), largest, float_buffers, other)
 
 
+@functools.lru_cache(maxsize=32)
+def _lora_stats(preset_name: str, rank: int) -> tuple[int, int]:
+    """(elements, tensors) of the LoRA adapters a trainable network of the preset gets (family's auto targets)."""
+    from ..lora import count_lora_parameters
+
+    preset = get_preset(preset_name)
+    model = preset.build_backbone("meta", torch.float32, config=preset.student_config())
+    return count_lora_parameters(model, rank, "auto")
+
+
 def _cond_bytes(preset: Preset, batch: int, dtype: torch.dtype) -> int:
     n = preset.text_tokens * preset.text_dim + preset.pooled_dim if preset.bench.conditioning is None \
         else preset.text_dim   # a family with its own conditioning (custom: one text vector)
@@ -425,8 +443,15 @@ def _cond_bytes(preset: Preset, batch: int, dtype: torch.dtype) -> int:
 def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precision = "bf16", gpus: int = 1,
                     batch_size: int = 1, resolution: int | None = None, activation_checkpointing: bool = False,
                     shard_teacher: bool = True, strategy: str = "auto", method_overrides: dict[str, Any] | None = None,
-                    optimizer_states: int = 2, checkpoint_teacher: bool = False) -> MemoryEstimate:
+                    optimizer_states: int = 2, checkpoint_teacher: bool = False, lora_rank: int | None = None,
+                    shared_base: bool = True) -> MemoryEstimate:
     """Predict the per-device peak of ``torch.cuda.max_memory_allocated`` for one training setup.
+
+    ``lora_rank``: the generator and fake score are LoRA networks of that rank on the family's
+    ``auto`` targets (``generator.lora`` / ``fake_score.lora``): only the adapters train (gradients,
+    optimiser state, AMP copies), their frozen base is stored like the teacher's, and with
+    ``shared_base`` (single GPU, as the trainer: ``lora.shared_base``) it IS the teacher's, so it
+    costs nothing more.  Counted on the preset's meta build, so every family's preset gets it.
 
     ``batch_size`` is per GPU.  ``strategy``: ``auto`` (fsdp for >1 GPU), ``fsdp``, ``ddp`` or ``none``.
     ``checkpoint_teacher`` models checkpointing the frozen teacher's blocks too (what-if: the trainer's
@@ -437,6 +462,8 @@ def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precis
     preset.check_resolution(resolution)
     if gpus < 1 or batch_size < 1:
         raise SenseflowError("gpus and batch_size must be >= 1")
+    if lora_rank is not None and lora_rank < 1:
+        raise SenseflowError(f"--lora-rank must be >= 1, got {lora_rank}")
     strategy = ("fsdp" if gpus > 1 else "none") if strategy == "auto" else strategy
     if strategy not in ("none", "ddp", "fsdp"):
         raise SenseflowError(f"unknown strategy {strategy!r}; use auto, none, ddp or fsdp")
@@ -454,6 +481,11 @@ def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precis
     blk_teacher, blk_student = st_teacher.largest_block, st_student.largest_block
     params = {"teacher": p_teacher, "generator": p_student, "fake_score": p_student}
     trainables = ("generator", "fake_score")
+    lora_p, lora_t = _lora_stats(preset.name, int(lora_rank)) if lora_rank else (0, 0)
+    share = bool(lora_rank) and shared_base and shard == 1 and strategy == "none"
+    p_trained, n_trained = (lora_p, lora_t) if lora_rank else (p_student, n_student)
+    if lora_rank:
+        params.update({"generator adapters": lora_p, "fake_score adapters": lora_p})
 
     def buffers_note(st: ParamStats, b: int) -> str:
         n = st.float_buffers * b + st.other_buffer_bytes
@@ -463,13 +495,22 @@ def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precis
                   f"{p_teacher / 1e9:.3f}B x {tb} B" + (f" / {t_shard}" if t_shard > 1 else "")
                   + buffers_note(st_teacher, tb))]
     for net in trainables:
-        static.append(Row(f"{net} weights", st_student.weight_bytes(wb, shard),
-                          f"{p_student / 1e9:.3f}B x {wb} B" + (f" / {shard}" if shard > 1 else "")
-                          + buffers_note(st_student, wb)))
+        if not lora_rank:
+            static.append(Row(f"{net} weights", st_student.weight_bytes(wb, shard),
+                              f"{p_student / 1e9:.3f}B x {wb} B" + (f" / {shard}" if shard > 1 else "")
+                              + buffers_note(st_student, wb)))
+            continue
+        adapters = lora_p * wb // shard
+        base = 0 if share else st_student.weight_bytes(tb, shard)
+        where = "base shared with the teacher (lora.shared_base)" if share else \
+            f"own frozen base {p_student / 1e9:.3f}B x {tb} B" + (f" / {shard}" if shard > 1 else "") \
+            + buffers_note(st_student, tb)
+        static.append(Row(f"{net} weights", base + adapters,
+                          f"LoRA rank {lora_rank}: adapters {lora_p / 1e6:.1f}M x {wb} B; {where}"))
     for net in trainables:
         static.append(Row(f"{net} optimiser state (Adam m, v, step)",
-                          (optimizer_states * p_student * wb) // shard + 4 * n_student,
-                          f"{optimizer_states} x weights"))
+                          (optimizer_states * p_trained * wb) // shard + 4 * n_trained,
+                          f"{optimizer_states} x {'adapter ' if lora_rank else ''}weights"))
     if shard > 1:
         fsdp = 2 * max(blk_teacher if t_shard > 1 else 0, blk_student) * (cb + wb)
         static.append(Row("FSDP unsharded block buffers", fsdp, "2 x largest block x (compute + grad bytes)"))
@@ -487,7 +528,7 @@ def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precis
             max_mult = max(max_mult, fw.batch_mult)
             dtype = compute_dtype
             prof_mode: GradMode = fw.grad if fw.grad != "none" else "params"
-            profile = activation_profile(preset, fw.network, resolution, dtype, prof_mode)
+            profile = activation_profile(preset, fw.network, resolution, dtype, prof_mode, int(lora_rank or 0))
             largest_block = max(largest_block, profile.largest_block(batch))
             if fw.grad == "none":
                 continue
@@ -497,9 +538,9 @@ def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precis
             if precision == "amp_bf16" and fw.network != "teacher" and shard == 1:
                 amp_copies.add(fw.network)
         for net in sorted(amp_copies):
-            rows.append(Row(f"AMP bf16 weight copies: {net}", p_student * 2, "autocast cast, saved for backward"))
+            rows.append(Row(f"AMP bf16 weight copies: {net}", p_trained * 2, "autocast cast, saved for backward"))
         if phase in trainables:
-            rows.append(Row(f"{phase} gradients", p_student * wb // shard, "freed after the step (trainer)"))
+            rows.append(Row(f"{phase} gradients", p_trained * wb // shard, "freed after the step (trainer)"))
         rows.append(Row("transient (backward working set, heuristic)", int(TRANSIENT_BLOCKS * largest_block),
                         f"{TRANSIENT_BLOCKS:g} x largest block's activations"))
         rows.append(Row("inputs (conditioning, latents)", _cond_bytes(preset, batch_size * max_mult, compute_dtype)
@@ -514,6 +555,12 @@ def estimate_memory(preset: Preset | str, method: str = "sid", precision: Precis
                      "graph (SiD differentiates through it) is kept whole -- see checkpoint_teacher")
     if precision == "amp_bf16" and shard == 1:
         notes.append("AMP without FSDP: autocast's bf16 weight copies are saved for backward")
+    if lora_rank:
+        notes.append("LoRA: the trained network's activations are measured with the adapters applied (PEFT on the "
+                     "meta build); frozen networks differentiated through the input (SiD) are measured without them")
+        if shared_base and not share:
+            notes.append("lora.shared_base is single-process: with FSDP each network keeps its own base (as the "
+                         "trainer does)")
     return MemoryEstimate(preset=preset.name, method=method, precision=precision, gpus=gpus, strategy=strategy,
                           batch_size=batch_size, resolution=resolution,
                           activation_checkpointing=activation_checkpointing,

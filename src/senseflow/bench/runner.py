@@ -113,6 +113,8 @@ class BenchSettings:
     count_passes: bool = True              # replay the timed iterations counting network passes
     compile: bool = False                  # train.compile: torch.compile each transformer block
     seed: int = 0
+    lora_rank: int | None = None           # LoRA generator + fake score (family's auto targets)
+    shared_base: bool = True               # with lora_rank: lora.shared_base (single process)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -135,7 +137,8 @@ class SyntheticBatches:
 
 
 def build_models(preset: Preset, resolution: int, precision: str, device: torch.device,
-                 anchors: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25), seed: int = 0) -> DistillationModels:
+                 anchors: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25), seed: int = 0,
+                 lora_rank: int | None = None, shared_base: bool = True) -> DistillationModels:
     """Teacher (frozen), generator and fake score from one randomly initialised backbone, as ``build.build_models``.
 
     Teacher in bf16 for ``amp_bf16`` / ``bf16``, fp32 for ``fp32``; the trainable copies in fp32
@@ -151,8 +154,16 @@ def build_models(preset: Preset, resolution: int, precision: str, device: torch.
             module = _cast(module, train_dtype)
         return module.requires_grad_(True).train()
 
-    student = trainable(adapter.make_student(backbone))
-    fake = trainable(adapter.make_fake_score(backbone))
+    if lora_rank:   # as build.build_models: adapters in the master dtype, the base stored like the teacher's
+        from ..lora import LoRAConfig
+        from ..shared_base import lora_network
+        from ..train.precision import cast_trainable
+        cfg = LoRAConfig(rank=lora_rank, shared_base=shared_base)
+        student, fake = (cast_trainable(lora_network(make, backbone, cfg, shared_base), train_dtype)
+                         for make in (adapter.make_student, adapter.make_fake_score))
+    else:
+        student = trainable(adapter.make_student(backbone))
+        fake = trainable(adapter.make_fake_score(backbone))
     generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, list(anchors)))
     return DistillationModels(teacher=teacher, generator=generator, fake_score=Denoiser(fake, adapter))
 
@@ -304,10 +315,21 @@ def _storage_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()._cdata
+
+
 def resident_bytes(trainer: Trainer, nets: dict[str, nn.Module]) -> dict[str, int]:
-    """Bytes of the tensors that live through the run: weights, gradients, optimiser state."""
-    out = {f"weights/{name}": _storage_bytes(list(net.parameters()) + list(net.buffers()))
-           for name, net in nets.items()}
+    """Bytes of the tensors that live through the run: weights, gradients, optimiser state.
+
+    A tensor two networks share (a LoRA run's shared base) counts for the first network only (the teacher).
+    """
+    out: dict[str, int] = {}
+    counted: set[int] = set()
+    for name, net in nets.items():
+        tensors = [t for t in (*net.parameters(), *net.buffers()) if _storage_key(t) not in counted]
+        counted.update(_storage_key(t) for t in tensors)
+        out[f"weights/{name}"] = _storage_bytes(tensors)
     for name, params in trainer.params.items():
         out[f"grads/{name}"] = _storage_bytes(p.grad for p in params if p.grad is not None)
         opt = trainer.optimizers[name]
@@ -417,7 +439,10 @@ def setup(settings: BenchSettings, ctx: DistContext | None = None) -> tuple[Trai
     if preset.real and device.type == "cpu" and not settings.allow_cpu:
         raise SenseflowError(f"preset {preset.name} has real shapes: on a CPU one step takes minutes and tens of GB. "
                              f"Use a tiny preset, --estimate-memory, or --allow-cpu to run it anyway")
-    models = build_models(preset, resolution, settings.precision, device, settings.anchors, settings.seed)
+    if settings.lora_rank and ctx.distributed:
+        raise SenseflowError("--lora-rank runs one process (the shared LoRA base is single-process)")
+    models = build_models(preset, resolution, settings.precision, device, settings.anchors, settings.seed,
+                          settings.lora_rank, settings.shared_base)
     parallelize(models, ParallelConfig(activation_checkpointing=settings.activation_checkpointing),
                 settings.precision, ctx)
     compile_models(models, settings.compile)

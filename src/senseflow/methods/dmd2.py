@@ -297,7 +297,9 @@ class IDAPlan:
     included), so each application is a couple of fused kernels.  Runs on whatever tensors the
     parameters hold (the fp32 master weights under AMP; the local shards under FSDP2, where both
     networks share one sharding plan).  Parameters the generator lacks (FLUX's guidance embedder,
-    removed from the student) are left as they are.  fp32 parameters are updated with fused
+    removed from the student) are left as they are, and so are tensors the two networks SHARE (a
+    LoRA run's frozen base, ``lora.shared_base``: ``lam*w + (1-lam)*w`` on one tensor would rescale
+    the teacher's weights).  fp32 parameters are updated with fused
     ``_foreach`` kernels doing the released arithmetic, ``phi.mul_(lam).add_(theta, alpha=1 - lam)``
     (bit-identical to it; multiplying ``theta`` first would round twice); low-precision storage is
     interpolated in fp32 and rounded once.
@@ -309,7 +311,7 @@ class IDAPlan:
         self.mixed: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, p in fake.named_parameters():
             q = gen_params.get(name)
-            if q is None:
+            if q is None or q is p:   # a base tensor both share (senseflow.shared_base): already equal
                 continue
             if q.shape != p.shape:
                 raise ValueError(f"IDA: parameter {name!r} has shape {tuple(p.shape)} in the fake score "

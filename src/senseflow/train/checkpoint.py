@@ -45,9 +45,19 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a module's weights atomically; refused (one line) when any of them is NaN / inf."""
-    tensors = module_tensors(module)
+def checkpoint_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a network: its state without the frozen base it shares with the teacher
+    (``lora.shared_base``: that is the teacher's, reloaded from the teacher folder, never changed)."""
+    from ..shared_base import shared_state_keys
+
+    skip = shared_state_keys(module)
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items() if k not in skip}
+
+
+def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None,
+                     tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a module's weights (or ``tensors``) atomically; refused (one line) when any of them is NaN / inf."""
+    tensors = module_tensors(module) if tensors is None else tensors
     require_finite(tensors, str(path))
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -81,12 +91,31 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_safetensors(module: nn.Module, path: Path) -> None:
+def frozen_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of the tensors that do not train (a LoRA network's base: what a shared-base checkpoint omits)."""
+    keys = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return keys | {n for n, _ in module.named_buffers(remove_duplicate=False)}
+
+
+def load_safetensors(module: nn.Module, path: Path, frozen_may_be_absent: bool = False) -> None:
+    """Load a network's checkpoint file; ``frozen_may_be_absent``: the file was written with a shared base,
+    so the frozen base is not in it (this network's copy, loaded from the teacher folder, is that base)."""
+    from ..shared_base import shared_state_keys
+
     state = read_safetensors(path)
+    shared = shared_state_keys(module)   # the teacher's tensors: never overwritten from a checkpoint
+    state = {k: v for k, v in state.items() if k not in shared}
     missing, unexpected = module.load_state_dict(state, strict=False)
+    absent_ok = shared | (frozen_state_keys(module) if frozen_may_be_absent else set())
+    missing = [k for k in missing if k not in absent_ok]
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise SenseflowError(f"{str(path)!r} does not match the network ({what}); was it made from another teacher?")
+
+
+def _has_shared(module: nn.Module) -> bool:
+    from ..shared_base import has_shared_base
+    return has_shared_base(module)
 
 
 def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], state: dict[str, Any],
@@ -106,11 +135,14 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module], st
     require_finite(state, f"checkpoint step {step} (optimiser / trainer state)")
     tmp.mkdir()
     for name, module in networks.items():
-        save_safetensors(module, tmp / f"{name}.safetensors")
+        save_safetensors(module, tmp / f"{name}.safetensors", tensors=checkpoint_tensors(module))
     for name, tensors in (extra or {}).items():
         save_file(tensors, str(tmp / f"{name}.safetensors"))
     torch.save(state, tmp / STATE_FILE)
     meta = {"step": step, "networks": sorted(networks)}
+    shared = sorted(name for name, module in networks.items() if _has_shared(module))
+    if shared:  # their files omit the frozen base (a run resumed with copies takes it from the teacher folder)
+        meta["shared_base"] = shared
     if extra:
         meta["extra"] = sorted(extra)
     return finalize(tmp, final, meta, keep)
@@ -158,8 +190,9 @@ def load_checkpoint(path: Path, networks: dict[str, nn.Module]) -> dict[str, Any
     absent = sorted(set(networks) - set(meta.get("networks", [])))
     if absent:
         raise SenseflowError(f"checkpoint {str(path)!r} has no weights for {absent}; it was made by another method")
+    shared = set(meta.get("shared_base", []))
     for name, module in networks.items():
-        load_safetensors(module, path / f"{name}.safetensors")
+        load_safetensors(module, path / f"{name}.safetensors", frozen_may_be_absent=name in shared)
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling refusal is a bad checkpoint

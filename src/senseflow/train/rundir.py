@@ -38,6 +38,8 @@ SHAPE_KEYS: tuple[str, ...] = ("teacher.family", "teacher.factory", "teacher.res
                                "discriminator.head_downsamples", "discriminator.cmap_dim", "discriminator.text_dim")
 
 _MISSING = object()
+#: leaves inside SHAPE_KEYS that build the same networks either way (a checkpoint resumes across them)
+SHAPE_NEUTRAL: dict[str, tuple[str, ...]] = {"generator.lora": ("shared_base",), "fake_score.lora": ("shared_base",)}
 
 
 def check_writable(run_dir: Path) -> None:
@@ -102,6 +104,9 @@ def check_resumable(saved: dict[str, Any], new: dict[str, Any], checkpoint: Path
         if old is _MISSING:  # an older config without the key: nothing to compare
             continue
         value = _get(new, key)
+        if key in SHAPE_NEUTRAL and isinstance(old, dict) and isinstance(value, dict):
+            old = {k: v for k, v in old.items() if k not in SHAPE_NEUTRAL[key]}
+            value = {k: v for k, v in value.items() if k not in SHAPE_NEUTRAL[key]}
         if old != value:
             raise SenseflowError(f"cannot resume {str(checkpoint)!r}: {key} was {_show(old)} in the run's saved "
                                  f"config and is {_show(value)} now, which builds other networks or another "
