@@ -68,7 +68,7 @@ class PathsConfig(StrictModel):
 
 
 class TeacherConfig(StrictModel):
-    family: str = Field(description="teacher family: a built-in (toy, sd3, flux, sdxl, sana, custom) or one a package "
+    family: str = Field(description="teacher family: a built-in (toy, sd3, flux, flux2, sdxl, sana, qwenimage, zimage, custom) or one a package "
                         "registers (entry points senseflow.families); see senseflow.teachers.registry")
     factory: str | None = Field(None, description="custom family: 'package.module:function' returning (adapter, backbone)")
     resolution: int = Field(1024, ge=8, le=8192, description="training resolution in pixels")

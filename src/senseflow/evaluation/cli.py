@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..teachers.base import SenseflowError
+from ..teachers import registry
 
 DEFAULT_CACHE = Path(os.environ.get("SENSEFLOW_CACHE", Path.home() / ".cache" / "senseflow")) / "teacher_refs"
 
@@ -232,7 +233,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--teacher", metavar="FOLDER|builtin:toy",
                      help="the reference teacher (default: the first student's, from student.json)")
     src.add_argument("--no-teacher", action="store_true", help="do not sample the teacher")
-    src.add_argument("--teacher-family", choices=("toy", "sd3", "flux", "sdxl", "sana"), default=None,
+    src.add_argument("--teacher-family", choices=[n for n in registry.names() if n != "custom"], default=None,
                      help="default: from model_index.json")
     src.add_argument("--teacher-steps", type=int, default=None, help="Euler steps (default: the preset's / paper's)")
     src.add_argument("--teacher-cfg", type=float, default=None,
