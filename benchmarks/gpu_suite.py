@@ -43,6 +43,7 @@ class Case:
     iterations: int
     warmup: int
     compile: bool = False
+    lora_rank: int | None = None   # LoRA generator + fake score on one shared frozen base (lora.shared_base)
     overrides: dict[str, Any] = field(default_factory=dict)
     skip: str | None = None  # why the case cannot run at all
 
@@ -56,10 +57,8 @@ BASE_CASES: tuple[Case, ...] = (
     Case("sid-sd35m", "sd35-medium", "sid", "bf16", 4, 1024, True, iterations=3, warmup=1),
     # SenseFlow SD3.5-Medium, batch 2; ttur 5 -> 5 timed iterations = one TTUR cycle
     Case("senseflow-sd35m", "sd35-medium", "senseflow", "bf16", 2, 1024, True, iterations=5, warmup=1),
-    # FLUX.1-dev LoRA with a shared frozen base: needs issue #16 item 1 (not implemented)
-    Case("flux-dev-lora", "flux-dev", "senseflow", "bf16", 1, 1024, True, iterations=5, warmup=1,
-         skip="not run: senseflow has no shared-base LoRA path yet (issue #16 item 1) and `senseflow bench` "
-              "runs full fine-tuning only; three full 11.9B copies with two trainable ones do not fit one GPU"),
+    # FLUX.1-dev LoRA rank 64 with one shared frozen base (issue #16 item 1): estimate 28.5 GB vs 76 GB for copies
+    Case("flux-dev-lora", "flux-dev", "senseflow", "bf16", 1, 1024, True, iterations=5, warmup=1, lora_rank=64),
 )
 
 
@@ -69,7 +68,8 @@ def cases() -> list[Case]:
 
 def dry_case(case: Case) -> Case:
     """The same case on the tiny preset, one iteration (CPU)."""
-    return replace(case, preset="tiny", resolution=0, batch_size=min(case.batch_size, 2), iterations=1, warmup=0)
+    return replace(case, preset="tiny", resolution=0, batch_size=min(case.batch_size, 2), iterations=1, warmup=0,
+                   lora_rank=None if case.lora_rank is None else min(case.lora_rank, 2))
 
 
 def run_case(case: Case, device: str = "auto") -> dict[str, Any]:
@@ -81,14 +81,15 @@ def run_case(case: Case, device: str = "auto") -> dict[str, Any]:
                              batch_size=case.batch_size, iterations=case.iterations, warmup=case.warmup,
                              precision=case.precision, device=device,
                              activation_checkpointing=case.activation_checkpointing,
-                             method_overrides=dict(case.overrides), compile=case.compile, count_passes=False)
+                             method_overrides=dict(case.overrides), compile=case.compile, count_passes=False,
+                             lora_rank=case.lora_rank)
     t0 = time.perf_counter()
     r = run_benchmark(settings)
     wall = time.perf_counter() - t0
     est = estimate_memory(case.preset, case.method, case.precision, gpus=1, batch_size=case.batch_size,
                           resolution=case.resolution or None,
                           activation_checkpointing=case.activation_checkpointing,
-                          method_overrides=dict(case.overrides))
+                          method_overrides=dict(case.overrides), lora_rank=case.lora_rank)
     return {
         "case": case.key, "status": "ok", "wall_s": wall, "settings": asdict(case),
         "s_per_1k_images": r["s_per_1k_images"],

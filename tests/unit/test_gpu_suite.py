@@ -28,7 +28,7 @@ def test_gpu_suite_dry_run_writes_json_and_markdown(tmp_path):
     status = {r["case"]: r["status"] for r in payload["results"]}
     assert status == {"sid-sd35m-compile-off": "ok", "sid-sd35m-compile-on": "planned",
                       "senseflow-sd35m-compile-off": "ok", "senseflow-sd35m-compile-on": "planned",
-                      "flux-dev-lora-compile-off": "skipped", "flux-dev-lora-compile-on": "skipped"}
+                      "flux-dev-lora-compile-off": "ok", "flux-dev-lora-compile-on": "planned"}
     sid = next(r for r in payload["results"] if r["case"] == "sid-sd35m-compile-off")
     bench = sid["bench"]
     assert bench["preset"] == "tiny" and bench["precision"] == "bf16" and bench["activation_checkpointing"]
@@ -36,5 +36,9 @@ def test_gpu_suite_dry_run_writes_json_and_markdown(tmp_path):
     assert math.isclose(sid["s_per_1k_images"], 1000.0 * bench["step_time_s"] / (bench["batch_size"] * bench["world_size"]))
     assert sid["gpu_s_per_1k_images"] == sid["s_per_1k_images"] * bench["world_size"]
     assert sid["estimated_bytes"] > 0
+    lora = next(r for r in payload["results"] if r["case"] == "flux-dev-lora-compile-off")
+    assert lora["settings"]["lora_rank"] == 2 and lora["bench"]["lora_rank"] == 2 and lora["bench"]["shared_base"]
+    full = next(r for r in payload["results"] if r["case"] == "senseflow-sd35m-compile-off")
+    assert lora["estimated_bytes"] < full["estimated_bytes"]   # one shared frozen base + adapters vs three trained copies
     table = (tmp_path / "suite.md").read_text()
     assert "DRY RUN" in table and table.count("\n| ") == 2 + 6  # header, separator, one row per case

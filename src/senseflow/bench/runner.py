@@ -579,6 +579,7 @@ def _run(settings: BenchSettings, trainer: Trainer, batch: Batch, preset: Preset
         "world_size": world, "resolution": int(settings.resolution or preset.default_resolution),
         "batch_size": settings.batch_size, "activation_checkpointing": settings.activation_checkpointing,
         "compile": settings.compile, "warmup": settings.warmup, "iterations": n,
+        "lora_rank": settings.lora_rank, "shared_base": bool(settings.lora_rank) and settings.shared_base,
         "params": {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()},
         "phases_per_iteration": statistics.fmean(phases_seen),
         "step_time_s": step, "step_time_min_s": min(step_times), "step_time_max_s": max(step_times),
