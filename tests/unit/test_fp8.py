@@ -14,8 +14,8 @@ from torch import nn
 
 from senseflow.bench.presets import get_preset
 from senseflow.teachers.base import Denoiser, SenseflowError
-from senseflow.train.fp8 import (FP8_DTYPE, Float8Linear, dequantize_fp8, quantize_fp8, quantize_linears,
-                                 weight_bytes)
+from senseflow.train.fp8 import (FP8_DTYPE, Float8Linear, dequantize_fp8, fp8_weight_bytes, quantize_fp8,
+                                 quantize_linears, weight_bytes)
 from tests.helpers.threads import single_thread  # noqa: F401 (module-wide autouse: one thread)
 
 
@@ -60,8 +60,9 @@ def test_tiny_teacher_forward_close_to_fp32_and_quarter_weight_bytes():
     fp8 = copy.deepcopy(ref)
     linear_bytes = sum(m.weight.numel() * 4 for m in ref.modules() if isinstance(m, nn.Linear))
     rows = sum(m.out_features for m in ref.modules() if isinstance(m, nn.Linear))
-    before = weight_bytes(fp8)
+    before, predicted = weight_bytes(fp8), fp8_weight_bytes(fp8)
     n = quantize_linears(fp8)
+    assert weight_bytes(fp8) == predicted       # the estimate docs/performance.md quotes for the real presets
     assert n == sum(isinstance(m, nn.Linear) for m in ref.modules()) and n > 10
     assert not any(isinstance(m, nn.Linear) for m in fp8.modules())
     # each linear weight: 1 byte per entry + one fp32 scale per output row, instead of 4 bytes per entry

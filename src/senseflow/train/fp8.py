@@ -126,5 +126,18 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "Float8Linear", "dequantize_fp8", "quantize_fp8", "quantize_linears",
+def fp8_weight_bytes(module: nn.Module) -> int:
+    """The bytes :func:`weight_bytes` would report after :func:`quantize_linears` (works on ``meta`` modules).
+
+    Each ``nn.Linear`` weight costs 1 byte per entry + a 4-byte scale per output row instead of its
+    dtype's size; everything else (biases, norms, convolutions, embeddings) is unchanged.
+    """
+    total = weight_bytes(module)
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            total += sub.weight.numel() * (1 - sub.weight.element_size()) + 4 * sub.out_features
+    return total
+
+
+__all__ = ["FP8_DTYPE", "FP8_MAX", "Float8Linear", "dequantize_fp8", "fp8_weight_bytes", "quantize_fp8", "quantize_linears",
            "weight_bytes"]
