@@ -169,3 +169,26 @@ def test_fp8_refused_when_the_teacher_shares_its_base(tmp_path):
     with pytest.raises(SenseflowError, match="shares its base"):
         apply_teacher_storage(models, _toy(tmp_path, "teacher.weight_dtype=fp8_e4m3"), torch.device("cpu"))
     assert isinstance(base[0], torch.nn.Linear)
+
+
+def test_offload_under_teacher_checkpointing_gives_the_same_input_gradients():
+    """SiD backpropagates through the teacher: with ``parallel.checkpoint_teacher`` the blocks recompute in backward,
+    onloading their weights a second time (instead of autograd holding the first copy until backward)."""
+    from senseflow.train.distributed import checkpoint_blocks
+
+    preset = get_preset("tiny")
+    adapter = preset.make_adapter(preset.default_resolution, "cpu", torch.float32)
+    plain = preset.build_backbone("cpu", torch.float32, 0).requires_grad_(False).eval()
+    off = copy.deepcopy(plain)
+    checkpoint_blocks(off, adapter.block_names(off))
+    offload_module(off, "cpu")
+    cond = preset.conditioning(2, "cpu", torch.float32, seed=1)
+    x = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.6, 0.4])
+    grads = []
+    for net in (plain, off):
+        xx = x.clone().requires_grad_(True)
+        Denoiser(net, adapter)(xx, t, cond).square().sum().backward()
+        grads.append(xx.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+    assert _meta_only(off)
