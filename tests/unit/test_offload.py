@@ -192,3 +192,19 @@ def test_offload_under_teacher_checkpointing_gives_the_same_input_gradients():
         grads.append(xx.grad)
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
     assert _meta_only(off)
+
+
+def test_fp8_teacher_offloads_too():
+    """The fp8 weights are buffers: offloaded with the rest (``offload_buffers``), same outputs as on the device."""
+    from senseflow.train.fp8 import quantize_linears
+
+    preset = get_preset("tiny")
+    adapter = preset.make_adapter(preset.default_resolution, "cpu", torch.float32)
+    fp8 = preset.build_backbone("cpu", torch.float32, 0).requires_grad_(False).eval()
+    quantize_linears(fp8)
+    off = offload_module(copy.deepcopy(fp8), "cpu")
+    assert _meta_only(off) and onloaded_bytes(off) == 0
+    cond = preset.conditioning(2, "cpu", torch.float32, seed=0)
+    x = torch.randn(2, *adapter.latent_shape(), generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0.5, 0.1])
+    assert torch.equal(Denoiser(off, adapter)(x, t, cond), Denoiser(fp8, adapter)(x, t, cond))
