@@ -75,8 +75,9 @@ class TeacherConfig(StrictModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="storage dtype of the frozen teacher")
     weight_dtype: Literal["none", "fp8_e4m3"] = Field(
         "none", description="fp8_e4m3: store the frozen teacher's nn.Linear weights in float8_e4m3fn with a per-channel "
-                            "scale, dequantised to teacher.dtype in each forward (1/4 of fp32 weight memory; the "
-                            "student and fake score keep full precision); docs/performance.md")
+                            "scale, dequantised to the activations' dtype in each forward (linears: ~1/4 of their fp32, "
+                            "1/2 of their bf16 bytes; the student and fake score keep full precision); "
+                            "docs/performance.md")
     cpu_offload: Literal["none", "text_encoders", "backbone", "all"] = Field(
         "none", description="single-process runs: keep the frozen teacher backbone and/or the text encoders in CPU "
                             "memory, each submodule's weights copied to the device for its forward (accelerate's "

@@ -152,6 +152,9 @@ def test_refusals_are_one_line_before_anything_is_built(tmp_path):
     with pytest.raises(SenseflowError, match="train.compile"):
         check_teacher_storage(_toy(tmp_path, "teacher.cpu_offload=backbone", "train.compile=true"), distributed=False)
     check_teacher_storage(_toy(tmp_path, "teacher.cpu_offload=text_encoders", "train.compile=true"), distributed=False)
+    with pytest.raises(SenseflowError, match="float16"):
+        check_teacher_storage(_toy(tmp_path, "teacher.cpu_offload=all", "teacher.dtype=float16",
+                                   "train.precision=amp_bf16"), distributed=False)
     with pytest.raises(SenseflowError, match="weight_dtype"):
         _toy(tmp_path, "teacher.weight_dtype=fp8")
     assert not (tmp_path / "config.yaml").exists()

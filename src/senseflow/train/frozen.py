@@ -33,6 +33,12 @@ def check_teacher_storage(config, distributed: bool) -> None:
     if distributed:
         raise SenseflowError(f"{what} is for single-process runs; distributed runs shard the teacher "
                              f"(parallel.shard_teacher) and offload shards with parallel.cpu_offload")
+    if t.cpu_offload in OFFLOADS_BACKBONE and t.dtype == "float16" and config.train.precision == "amp_bf16":
+        # an offloaded backbone holds meta tensors between calls, so storage_autocast cannot see its
+        # float16 storage and give it a float16 autocast inside the bfloat16 one
+        raise SenseflowError("teacher.cpu_offload: backbone offload of a float16 teacher under train.precision: "
+                             "amp_bf16 is not supported; use teacher.dtype: bfloat16 or teacher.cpu_offload: "
+                             "text_encoders")
     if t.cpu_offload in OFFLOADS_BACKBONE and config.train.compile:
         raise SenseflowError("teacher.cpu_offload: backbone offload hooks and train.compile do not mix (each "
                              "offloaded forward moves weights inside the compiled blocks); set train.compile: false "
