@@ -10,9 +10,9 @@ to the execution device right before its forward and drops them right after.
 Why accelerate's hooks and not diffusers' group offloading: SiD backpropagates THROUGH the
 teacher (input gradients), so the weights a forward used must still be there in backward.
 accelerate puts a NEW parameter object on the module for each forward, so autograd keeps the
-onloaded copy it saved alive until backward (then frees it); an offload that swaps
-``param.data`` back to the host tensor after the forward would leave backward holding the host
-copy.  ``tests/unit/test_offload.py`` checks input gradients against the plain module.
+onloaded copy it saved alive until backward (then frees it); diffusers' group offloading
+(``diffusers/hooks/group_offloading.py``) swaps ``param.data`` in place, which would leave backward
+holding the host copy.  ``tests/unit/test_offload.py`` checks input gradients against the plain module.
 
 Cost: every teacher forward copies the teacher's weights host -> device (a 12B bf16 teacher:
 24 GB per forward, ~1 s on PCIe 4 x16); use it when the run does not fit otherwise.  The
