@@ -7,7 +7,9 @@ For each seed, ``senseflow demo`` (SenseFlow recipe, 4-step student) runs twice 
 seeds, prompts and noise: once with ``teacher.weight_dtype: none`` and once with ``fp8_e4m3``.
 Each run scores the teacher itself (32 and 4 Euler steps, CFG 3) and the distilled student with
 the toy evaluator (attr_acc, fd_real, fd_teacher).  Writes ``<out>/fp8_teacher.json`` and
-``<out>/fp8_teacher.md`` (the table docs/performance.md quotes) and prints the table.
+``<out>/fp8_teacher.md`` (the table docs/performance.md quotes) and prints the table, then the
+paired fp8-minus-none attr_acc gains with bootstrap intervals (``<out>/fp8_paired.json``;
+``--pair-only`` recomputes them from finished runs).
 """
 
 from __future__ import annotations
@@ -43,6 +45,40 @@ def memory_table() -> str:
     return "\n".join(lines)
 
 
+def paired(out: Path, seed: int, eval_prompts: int) -> dict[str, dict]:
+    """fp8 minus none, judged on the same prompts and noise: attr_acc gain with a 95% interval over prompts.
+
+    Re-samples the two finished runs' students (``<run>/student``) and the teacher with and without
+    fp8 storage on the demo's evaluation set, so each pair differs only in the teacher's storage.
+    """
+    import torch
+
+    from senseflow.build import load_teacher
+    from senseflow.student import load_student, teacher_config
+    from senseflow.teachers.base import Denoiser, freeze
+    from senseflow.toy.demo import EvalSet, sample_student, sample_teacher
+    from senseflow.toy.evaluator import ToyEvaluator, paired_gain
+    from senseflow.train.fp8 import quantize_linears
+
+    evaluator = ToyEvaluator.load()
+    cpu = torch.device("cpu")
+    checks: dict[str, dict] = {"student": {}, "teacher_32": {}, "teacher_4": {}}
+    evalset = None
+    for dtype in ("none", "fp8_e4m3"):
+        student = load_student(out / f"seed{seed}-{dtype}" / "run" / "student")
+        evalset = EvalSet(student.adapter, eval_prompts, 4, seed, cpu, open_positions=True)
+        images, _ = sample_student(student.generator, evalset, student.spec.sampler)
+        checks["student"][dtype] = evaluator.checks_per_image(images, evalset.prompts)
+        adapter, backbone = load_teacher(teacher_config(student.spec), cpu)
+        freeze(backbone)
+        if dtype == "fp8_e4m3":
+            quantize_linears(backbone)
+        for steps in (32, 4):
+            images, _ = sample_teacher(Denoiser(backbone, adapter), evalset, steps, 3.0)
+            checks[f"teacher_{steps}"][dtype] = evaluator.checks_per_image(images, evalset.prompts)
+    return {k: paired_gain(v["fp8_e4m3"], v["none"], evalset.prompts, seed=seed) for k, v in checks.items()}
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| seed | model | weight_dtype | attr_acc | fd_real | fd_teacher |", "| --- | --- | --- | ---: | ---: | ---: |"]
     for r in rows:
@@ -60,12 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--memory", action="store_true", help="only print the teacher weight-memory table")
+    p.add_argument("--pair-only", action="store_true", help="only the paired fp8-minus-none gains of finished runs")
     args = p.parse_args(argv)
     if args.memory:
         print(memory_table(), flush=True)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.pair_only:
+        gains = {seed: paired(out, seed, args.eval_prompts) for seed in args.seeds}
+        (out / "fp8_paired.json").write_text(json.dumps(gains, indent=2))
+        print(json.dumps(gains, indent=2), flush=True)
+        return 0
     rows: list[dict] = []
     for seed in args.seeds:
         for dtype in ("none", "fp8_e4m3"):
@@ -76,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"seed": seed, "model": name, "weight_dtype": dtype,
                              **{k: res[key].get(k) for k in KEYS}})
             rows[-1]["train_seconds"] = res["train_seconds"]
-    text = table(rows)
+    gains = {seed: paired(out, seed, args.eval_prompts) for seed in args.seeds}
+    (out / "fp8_paired.json").write_text(json.dumps(gains, indent=2))
+    text = table(rows) + "\n\nfp8 minus none (attr_acc, paired on the same prompts and noise, 95% interval over prompts):\n" + \
+        json.dumps(gains)
     meta = {"command": "benchmarks/fp8_teacher.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "method": args.method, "iterations": args.iterations, "eval_prompts": args.eval_prompts,
             "seeds": args.seeds, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
