@@ -45,7 +45,7 @@ def memory_table() -> str:
     return "\n".join(lines)
 
 
-def paired(out: Path, seed: int, eval_prompts: int) -> dict[str, dict]:
+def paired(out: Path, seed: int, eval_prompts: int, models: tuple[str, ...] = ("student", "teacher")) -> dict[str, dict]:
     """fp8 minus none, judged on the same prompts and noise: attr_acc gain with a 95% interval over prompts.
 
     Re-samples the two finished runs' students (``<run>/student``) and the teacher with and without
@@ -62,13 +62,16 @@ def paired(out: Path, seed: int, eval_prompts: int) -> dict[str, dict]:
 
     evaluator = ToyEvaluator.load()
     cpu = torch.device("cpu")
-    checks: dict[str, dict] = {"student": {}, "teacher_32": {}, "teacher_4": {}}
+    checks: dict[str, dict] = {k: {} for k in ("student", "teacher_32", "teacher_4") if k.split("_")[0] in models}
     evalset = None
     for dtype in ("none", "fp8_e4m3"):
         student = load_student(out / f"seed{seed}-{dtype}" / "run" / "student")
         evalset = EvalSet(student.adapter, eval_prompts, 4, seed, cpu, open_positions=True)
-        images, _ = sample_student(student.generator, evalset, student.spec.sampler)
-        checks["student"][dtype] = evaluator.checks_per_image(images, evalset.prompts)
+        if "student" in models:
+            images, _ = sample_student(student.generator, evalset, student.spec.sampler)
+            checks["student"][dtype] = evaluator.checks_per_image(images, evalset.prompts)
+        if "teacher" not in models:
+            continue
         adapter, backbone = load_teacher(teacher_config(student.spec), cpu)
         freeze(backbone)
         if dtype == "fp8_e4m3":
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--memory", action="store_true", help="only print the teacher weight-memory table")
     p.add_argument("--pair-only", action="store_true", help="only the paired fp8-minus-none gains of finished runs")
+    p.add_argument("--pair-models", nargs="+", choices=["student", "teacher"], default=["student", "teacher"])
     args = p.parse_args(argv)
     if args.memory:
         print(memory_table(), flush=True)
@@ -104,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.pair_only:
-        gains = {seed: paired(out, seed, args.eval_prompts) for seed in args.seeds}
-        (out / "fp8_paired.json").write_text(json.dumps(gains, indent=2))
+        gains = {seed: paired(out, seed, args.eval_prompts, tuple(args.pair_models)) for seed in args.seeds}
+        (out / f"fp8_paired_{'_'.join(args.pair_models)}.json").write_text(json.dumps(gains, indent=2))
         print(json.dumps(gains, indent=2), flush=True)
         return 0
     rows: list[dict] = []
