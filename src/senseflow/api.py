@@ -106,6 +106,8 @@ def _build(config: Config, ctx: DistContext, run_dir: Path, ckpt: Path | None, h
     device = ctx.device
     from .evaluation.train_eval import attach_train_eval
     hooks = attach_train_eval(config, hooks, ctx.is_main, device)   # train.eval (metric weights checked here)
+    from .train.frozen import apply_teacher_storage, check_teacher_storage
+    check_teacher_storage(config, ctx.distributed)
     models = build_models(config, device, ctx.rank, meta=builds_on_meta(config.parallel, ctx),
                           sharded=resolve_strategy(config.parallel.strategy, ctx) != "none")
     for net in (models.generator, models.fake_score):
@@ -113,6 +115,7 @@ def _build(config: Config, ctx: DistContext, run_dir: Path, ckpt: Path | None, h
             net.to(torch.bfloat16)
         else:  # fp32 master weights (and so fp32 optimiser state) whatever teacher.dtype is
             cast_trainable(net, master_dtype(config.train.precision))
+    apply_teacher_storage(models, config, device)   # teacher.weight_dtype / cpu_offload: after the copies
     adapter = models.teacher.adapter
     check_batch_memory(config.train.batch_size, config.train.grad_accum, tuple(adapter.latent_shape()), device)
     parallelize(models, config.parallel, config.train.precision, ctx)

@@ -73,6 +73,15 @@ class TeacherConfig(StrictModel):
     factory: str | None = Field(None, description="custom family: 'package.module:function' returning (adapter, backbone)")
     resolution: int = Field(1024, ge=8, le=8192, description="training resolution in pixels")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="storage dtype of the frozen teacher")
+    weight_dtype: Literal["none", "fp8_e4m3"] = Field(
+        "none", description="fp8_e4m3: store the frozen teacher's nn.Linear weights in float8_e4m3fn with a per-channel "
+                            "scale, dequantised to the activations' dtype in each forward (linears: ~1/4 of their fp32, "
+                            "1/2 of their bf16 bytes; the student and fake score keep full precision); "
+                            "docs/performance.md")
+    cpu_offload: Literal["none", "text_encoders", "backbone", "all"] = Field(
+        "none", description="single-process runs: keep the frozen teacher backbone and/or the text encoders in CPU "
+                            "memory, each submodule's weights copied to the device for its forward (accelerate's "
+                            "cpu_offload); docs/performance.md")
     shift: float | None = Field(None, gt=0.0, description="override the scheduler's shift (rectified flow)")
     options: dict[str, Any] = Field(
         default_factory=dict, description="family-specific loader options, e.g. FLUX {fake_guidance_embed: true, "
