@@ -32,7 +32,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from senseflow.cli import main  # noqa: E402
-from senseflow.export_diffusers import export_diffusers  # noqa: E402
+from senseflow.export_diffusers import export_diffusers, seeding  # noqa: E402
 from senseflow.export_original import export_kohya_lora, export_single_file  # noqa: E402
 from senseflow.generate import image_seed, render  # noqa: E402
 from senseflow.original_layout import fuse_lora  # noqa: E402
@@ -71,7 +71,7 @@ def _stock(teacher: str, info: dict, prompts, seeds, **components) -> torch.Tens
 def _call(pipe, info: dict, prompts, seeds) -> torch.Tensor:
     out = []
     for prompt, seed in zip(prompts, seeds):
-        if info["family"] in ("sd3", "flux"):        # these pipelines draw from the global RNG
+        if seeding(info["family"]) == "global":      # SD3, FLUX.1/2, Qwen-Image, Z-Image: the global RNG
             torch.manual_seed(seed)
             out.append(pipe(prompt=prompt, output_type="pt", **info["call"]).images.float())
         else:
@@ -92,10 +92,13 @@ def _qkv_key(family: str) -> tuple[str, list[str]]:
             "sdxl": ("model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn1.to_q.weight",
                      ["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"]),
             "sana": ("blocks.1.cross_attn.kv_linear.weight",
-                     ["transformer_blocks.1.attn2.to_k.weight", "transformer_blocks.1.attn2.to_v.weight"])}[family]
+                     ["transformer_blocks.1.attn2.to_k.weight", "transformer_blocks.1.attn2.to_v.weight"]),
+            # Qwen-Image's single file keeps diffusers' names (ComfyUI's qwen_image_bf16.safetensors)
+            "qwenimage": ("transformer_blocks.1.img_mlp.net.0.proj.weight",
+                          ["transformer_blocks.1.img_mlp.net.0.proj.weight"])}[family]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana", "qwenimage"])
 def test_single_file_reads_back_with_from_single_file_and_reproduces(family, tmp_path, capsys, tiny_flux_converters):
     run = make_student_run(tmp_path, family)
     out = tmp_path / "student_file"
@@ -110,7 +113,11 @@ def test_single_file_reads_back_with_from_single_file_and_reproduces(family, tmp
     saved = load_file(str(path))
     key, parts = _qkv_key(family)
     assert torch.equal(saved[key], torch.cat([ours[p] for p in parts], dim=0))
-    assert not any(k.startswith(("transformer_blocks.", "down_blocks.", "single_transformer_blocks.")) for k in saved)
+    if family == "qwenimage":       # the identity layout: the diffusers keys, no model.diffusion_model. prefix
+        assert set(saved) == set(ours)
+    else:
+        assert not any(k.startswith(("transformer_blocks.", "down_blocks.", "single_transformer_blocks."))
+                       for k in saved)
     with safe_open(str(path), "pt") as f:
         assert json.loads(f.metadata()["senseflow"])["steps"] == 4
 
@@ -426,7 +433,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     with pytest.raises(SenseflowError, match="non-finite"):           # never written with a NaN
         export_single_file(run, tmp_path / "nan", loaded=broken)
     assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan.*"))
-    with pytest.raises(SenseflowError, match="families with one: sd3, flux, sdxl, sana"):
+    with pytest.raises(SenseflowError, match="families with one: sd3, flux, sdxl, sana, qwenimage"):
         export_single_file(run, tmp_path / "z", loaded=_as_family(load_student(run), "toy"))
     assert not (tmp_path / "z").exists()
 

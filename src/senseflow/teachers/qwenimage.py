@@ -492,6 +492,30 @@ def load_from_config(config, device: torch.device) -> tuple[QwenImageAdapter, nn
                                             **loader_kwargs(config, device, shift=config.teacher.shift))
 
 
+# -- senseflow export --format single-file ----------------------------------------------------------
+def to_original(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The student in Qwen-Image's single-file layout: the diffusers keys themselves, unprefixed.
+
+    Alibaba's ComfyUI files (``qwen_image_bf16.safetensors``: ``img_in``, ``txt_norm``,
+    ``transformer_blocks.0.img_mod.1``, ...) already use diffusers' module names, and diffusers'
+    ``QwenImageTransformer2DModel.from_single_file`` maps them with the identity
+    (``SINGLE_FILE_LOADABLE_CLASSES``), so the inverse is the identity too; a ``model.diffusion_model.``
+    prefix would NOT be stripped by that reader, so none is written.
+    """
+    from ..original_layout import KeyMap
+
+    m = KeyMap(state, "Qwen-Image single-file export")
+    for key in list(m.state):
+        m.move(key, key)
+    return m.finish()
+
+
+SINGLE_FILE = registry.SingleFileRecipe(
+    to_original, loader=TRANSFORMER_CLASS,
+    where="ComfyUI: models/diffusion_models (Load Diffusion Model), with the Qwen2.5-VL text encoder and the "
+          "Qwen-Image VAE loaded separately")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="qwenimage",
     label="Qwen-Image",
@@ -501,7 +525,7 @@ FAMILY = registry.FamilyDescriptor(
     pipeline_prefixes=("QwenImagePipeline",),
     noise=registry.NoiseRecipe("global", renoise=draw_packed_renoise),   # generator=None: global RNG, packed re-noise
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs),
+                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
                                 conditioning=_bench_conditioning),
     # target_modules: auto = diffusers' examples/dreambooth/train_dreambooth_lora_qwen_image.py default
