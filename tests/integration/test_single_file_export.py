@@ -95,10 +95,13 @@ def _qkv_key(family: str) -> tuple[str, list[str]]:
                      ["transformer_blocks.1.attn2.to_k.weight", "transformer_blocks.1.attn2.to_v.weight"]),
             # Qwen-Image's single file keeps diffusers' names (ComfyUI's qwen_image_bf16.safetensors)
             "qwenimage": ("transformer_blocks.1.img_mlp.net.0.proj.weight",
-                          ["transformer_blocks.1.img_mlp.net.0.proj.weight"])}[family]
+                          ["transformer_blocks.1.img_mlp.net.0.proj.weight"]),
+            "zimage": ("layers.1.attention.qkv.weight",
+                       ["layers.1.attention.to_q.weight", "layers.1.attention.to_k.weight",
+                        "layers.1.attention.to_v.weight"])}[family]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana", "qwenimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana", "qwenimage", "zimage"])
 def test_single_file_reads_back_with_from_single_file_and_reproduces(family, tmp_path, capsys, tiny_flux_converters):
     run = make_student_run(tmp_path, family)
     out = tmp_path / "student_file"
@@ -161,6 +164,27 @@ def test_single_file_sd35_variant_round_trips_and_sana_sprint_is_refused(tmp_pat
     sprint = tiny_models.make_sana_transformer(sprint=True)
     with pytest.raises(SenseflowError, match="SANA single-file export: .*use --format diffusers"):
         sana.to_original(sprint.state_dict(), dict(sprint.config))
+
+
+def test_single_file_zimage_has_the_original_names_and_refuses_what_diffusers_cannot_split():
+    """Z-Image's original names (those diffusers' converter renames from); GQA / other patch sizes refused."""
+    from senseflow.teachers import zimage
+    from tests.helpers import tiny_zimage
+
+    model = tiny_zimage.make_zimage_transformer()
+    ours = model.state_dict()
+    original = zimage.to_original(ours, dict(model.config))
+    assert torch.equal(original["x_embedder.weight"], ours["all_x_embedder.2-1.weight"])
+    assert torch.equal(original["final_layer.adaLN_modulation.1.bias"], ours["all_final_layer.2-1.adaLN_modulation.1.bias"])
+    assert torch.equal(original["noise_refiner.0.attention.out.weight"], ours["noise_refiner.0.attention.to_out.0.weight"])
+    assert torch.equal(original["context_refiner.0.attention.k_norm.weight"],
+                       ours["context_refiner.0.attention.norm_k.weight"])
+    assert original["layers.1.attention.qkv.weight"].shape == (3 * 32, 32)
+    assert len(original) == len(ours) - 2 * (2 + 2 * 1)          # q, k, v -> qkv in each of the 4 blocks
+    with pytest.raises(SenseflowError, match="grouped-query"):
+        zimage.to_original(ours, {**model.config, "n_kv_heads": 1})
+    with pytest.raises(SenseflowError, match="patch sizes"):
+        zimage.to_original(ours, {**model.config, "all_patch_size": (2, 4), "all_f_patch_size": (1, 1)})
 
 
 def test_sdxl_checkpoint_reads_back_as_a_whole_pipeline_and_reproduces(tmp_path, capsys):
@@ -433,7 +457,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     with pytest.raises(SenseflowError, match="non-finite"):           # never written with a NaN
         export_single_file(run, tmp_path / "nan", loaded=broken)
     assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan.*"))
-    with pytest.raises(SenseflowError, match="families with one: sd3, flux, sdxl, sana, qwenimage"):
+    with pytest.raises(SenseflowError, match="families with one: sd3, flux, sdxl, sana, qwenimage, zimage"):
         export_single_file(run, tmp_path / "z", loaded=_as_family(load_student(run), "toy"))
     assert not (tmp_path / "z").exists()
 

@@ -511,6 +511,61 @@ def load_from_config(config, device: torch.device) -> tuple[ZImageAdapter, nn.Mo
                                          **loader_kwargs(config, device, shift=config.teacher.shift))
 
 
+# -- senseflow export --format single-file ----------------------------------------------------------
+#: diffusers -> Tongyi-MAI's original names: the inverse of the renames in diffusers'
+#: ``convert_z_image_transformer_checkpoint_to_diffusers`` (``Z_IMAGE_KEYS_RENAME_DICT``)
+_ZIMAGE_RENAMES = ((".attention.to_out.0.", ".attention.out."), (".attention.norm_q.", ".attention.q_norm."),
+                   (".attention.norm_k.", ".attention.k_norm."))
+
+
+def to_original(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The student in Z-Image's original single-file layout (``layers.N.attention.qkv``, ``x_embedder``, ...).
+
+    The inverse of diffusers' ``convert_z_image_transformer_checkpoint_to_diffusers``: q / k / v fused
+    row-wise into ``attention.qkv`` (that converter splits it in three equal chunks), ``to_out.0`` ->
+    ``out``, ``norm_q`` / ``norm_k`` -> ``q_norm`` / ``k_norm``, and the patch-2 / frame-patch-1
+    embedder and final layer (``all_x_embedder.2-1`` / ``all_final_layer.2-1``, the only ones that
+    converter names) -> ``x_embedder`` / ``final_layer``; every other key is kept.  Refused: other patch
+    sizes, grouped-query attention (unequal q / k / v rows) and q / k / v biases, which that reader
+    cannot split back.
+    """
+    from ..original_layout import KeyMap
+
+    patches = (tuple(config.get("all_patch_size", (2,))), tuple(config.get("all_f_patch_size", (1,))))
+    if patches != ((2,), (1,)):
+        raise SenseflowError(f"Z-Image single-file export: patch sizes {patches[0]} / frame patch sizes {patches[1]} "
+                             f"have no original single-file name diffusers reads back (only 2 / 1); use "
+                             f"--format diffusers")
+    if config.get("n_kv_heads", config.get("n_heads")) != config.get("n_heads"):
+        raise SenseflowError("Z-Image single-file export: grouped-query attention (n_kv_heads != n_heads) cannot be "
+                             "fused into the original qkv that diffusers splits in three equal parts; use "
+                             "--format diffusers")
+    m = KeyMap(state, "Z-Image single-file export")
+    for key in list(m.state):
+        if key not in m.state:
+            continue
+        if key.endswith(".attention.to_q.weight"):
+            head = key[:-len("to_q.weight")]
+            m.fuse([head + "to_q", head + "to_k", head + "to_v"], head + "qkv", bias=False)
+            continue
+        if key.endswith((".attention.to_q.bias", ".attention.to_k.bias", ".attention.to_v.bias")):
+            continue        # left in the map: finish() refuses it (the reader fuses weights only)
+        new = key
+        for prefix, original in (("all_x_embedder.2-1.", "x_embedder."), ("all_final_layer.2-1.", "final_layer.")):
+            if new.startswith(prefix):
+                new = original + new[len(prefix):]
+        for src, dst in _ZIMAGE_RENAMES:
+            new = new.replace(src, dst)
+        m.move(key, new)
+    return m.finish()
+
+
+SINGLE_FILE = registry.SingleFileRecipe(
+    to_original, loader=TRANSFORMER_CLASS,
+    where="ComfyUI: models/diffusion_models (Load Diffusion Model), with the Qwen3 text encoder and the FLUX.1 "
+          "VAE (ae.safetensors) loaded separately")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="zimage",
     label="Z-Image",
@@ -520,7 +575,7 @@ FAMILY = registry.FamilyDescriptor(
     pipeline_prefixes=("ZImage",),
     noise=registry.NoiseRecipe("global"),   # float32 latents from randn_tensor (global RNG), re-noise: global RNG
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs),
+                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
                                 conditioning=_bench_conditioning),
     # target_modules: auto = diffusers' examples/dreambooth/train_dreambooth_lora_z_image.py default
