@@ -98,10 +98,13 @@ def _qkv_key(family: str) -> tuple[str, list[str]]:
                           ["transformer_blocks.1.img_mlp.net.0.proj.weight"]),
             "zimage": ("layers.1.attention.qkv.weight",
                        ["layers.1.attention.to_q.weight", "layers.1.attention.to_k.weight",
-                        "layers.1.attention.to_v.weight"])}[family]
+                        "layers.1.attention.to_v.weight"]),
+            "flux2": ("double_blocks.1.txt_attn.qkv.weight",
+                      ["transformer_blocks.1.attn.add_q_proj.weight", "transformer_blocks.1.attn.add_k_proj.weight",
+                       "transformer_blocks.1.attn.add_v_proj.weight"])}[family]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana", "qwenimage", "zimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "sana", "qwenimage", "zimage", "flux2"])
 def test_single_file_reads_back_with_from_single_file_and_reproduces(family, tmp_path, capsys, tiny_flux_converters):
     run = make_student_run(tmp_path, family)
     out = tmp_path / "student_file"
@@ -185,6 +188,28 @@ def test_single_file_zimage_has_the_original_names_and_refuses_what_diffusers_ca
         zimage.to_original(ours, {**model.config, "n_kv_heads": 1})
     with pytest.raises(SenseflowError, match="patch sizes"):
         zimage.to_original(ours, {**model.config, "all_patch_size": (2, 4), "all_f_patch_size": (1, 1)})
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "klein"])
+def test_single_file_flux2_has_bfl_names_and_the_unpatched_converter_maps_it_back(guidance):
+    """FLUX.2-dev (guidance embedder) and klein (none): BFL's names, (shift, scale) final modulation, and
+    diffusers' ``convert_flux2_transformer_checkpoint_to_diffusers`` as shipped gives our exact weights back."""
+    from senseflow.teachers import flux2
+    from tests.helpers import tiny_flux2
+
+    model = tiny_flux2.make_flux2_transformer(guidance_embeds=guidance)
+    ours = model.state_dict()
+    original = flux2.to_original(ours, dict(model.config))
+    assert ("guidance_in.in_layer.weight" in original) == guidance
+    final, mine = original["final_layer.adaLN_modulation.1.weight"], ours["norm_out.linear.weight"]
+    assert torch.equal(final[:16], mine[16:]) and torch.equal(final[16:], mine[:16])     # width 16: (shift, scale)
+    assert torch.equal(original["single_blocks.0.norm.key_norm.scale"],
+                       ours["single_transformer_blocks.0.attn.norm_k.weight"])
+    assert torch.equal(original["double_stream_modulation_txt.lin.weight"],
+                       ours["double_stream_modulation_txt.linear.weight"])
+    convert = single_file_model.SINGLE_FILE_LOADABLE_CLASSES["Flux2Transformer2DModel"]["checkpoint_mapping_fn"]
+    back = convert(checkpoint=dict(original), config=dict(model.config))
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
 
 
 def test_sdxl_checkpoint_reads_back_as_a_whole_pipeline_and_reproduces(tmp_path, capsys):
@@ -457,7 +482,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     with pytest.raises(SenseflowError, match="non-finite"):           # never written with a NaN
         export_single_file(run, tmp_path / "nan", loaded=broken)
     assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan.*"))
-    with pytest.raises(SenseflowError, match="families with one: sd3, flux, sdxl, sana, qwenimage, zimage"):
+    with pytest.raises(SenseflowError, match="families with one: sd3, flux, flux2, sdxl, sana, qwenimage, zimage"):
         export_single_file(run, tmp_path / "z", loaded=_as_family(load_student(run), "toy"))
     assert not (tmp_path / "z").exists()
 

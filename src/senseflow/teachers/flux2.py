@@ -629,6 +629,63 @@ def load_from_config(config, device: torch.device) -> tuple[Flux2Adapter, nn.Mod
     return Flux2Adapter.from_pretrained(config.paths.teacher, **loader_kwargs(config, device, shift=config.teacher.shift))
 
 
+# -- senseflow export --format single-file ----------------------------------------------------------
+#: diffusers module (in a double block) -> BFL's FLUX.2 module: the inverse of diffusers'
+#: ``FLUX2_TRANSFORMER_DOUBLE_BLOCK_KEY_MAP`` (q / k / v are fused separately)
+_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.linear_in": "img_mlp.0",
+           "ff.linear_out": "img_mlp.2", "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+_DOUBLE_NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                 "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+
+
+def to_original(state: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The student in Black Forest Labs' FLUX.2 layout (``flux2-dev.safetensors``: ``double_blocks.N.img_attn.qkv``,
+    ``single_blocks.N.linear1``, ``double_stream_modulation_img.lin``, ...), no prefix.
+
+    The exact inverse of diffusers' ``convert_flux2_transformer_checkpoint_to_diffusers``: q / k / v fused
+    row-wise per stream (that converter splits in three equal chunks), the single blocks' fused
+    ``to_qkv_mlp_proj`` / ``to_out`` renamed to ``linear1`` / ``linear2``, RMS-norm weights as
+    ``.scale``, and the final ``norm_out`` modulation swapped back to BFL's (shift, scale) order.  A
+    student without a guidance embedder (klein, or dev with the guidance folded in) has no ``guidance_in``.
+    A bias on the final modulation is refused: that converter swaps the weight only.
+    """
+    from ..original_layout import KeyMap, block_ids, swap_halves
+
+    m = KeyMap(state, "FLUX.2 single-file export")
+    for emb, dst in (("timestep_embedder", "time_in"), ("guidance_embedder", "guidance_in")):
+        src = f"time_guidance_embed.{emb}."
+        if emb == "timestep_embedder" or m.has(src + "linear_1.weight"):
+            m.move(src + "linear_1", dst + ".in_layer")
+            m.move(src + "linear_2", dst + ".out_layer")
+    for mod in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
+        m.move(f"{mod}.linear", f"{mod}.lin")
+    m.move("x_embedder", "img_in")
+    m.move("context_embedder", "txt_in")
+    for i in block_ids(state, "transformer_blocks"):
+        d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        m.fuse([d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"], o + "img_attn.qkv")
+        m.fuse([d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"], o + "txt_attn.qkv")
+        for src, dst in _DOUBLE_NORMS.items():
+            m.move(d + src + ".weight", o + dst + ".scale")
+        for src, dst in _DOUBLE.items():
+            m.move(d + src, o + dst)
+    for i in block_ids(state, "single_transformer_blocks"):
+        d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        m.move(d + "attn.to_qkv_mlp_proj", o + "linear1")
+        m.move(d + "attn.to_out", o + "linear2")
+        m.move(d + "attn.norm_q.weight", o + "norm.query_norm.scale")
+        m.move(d + "attn.norm_k.weight", o + "norm.key_norm.scale")
+    m.move("proj_out", "final_layer.linear")
+    m.put("final_layer.adaLN_modulation.1.weight", swap_halves(m.take("norm_out.linear.weight")))
+    return m.finish()
+
+
+SINGLE_FILE = registry.SingleFileRecipe(
+    to_original, loader=TRANSFORMER_CLASS,
+    where="ComfyUI: models/diffusion_models (Load Diffusion Model), with the FLUX.2 text encoder (Mistral-3 for "
+          "dev, Qwen3 for klein) and the FLUX.2 VAE loaded separately")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="flux2",
     label="FLUX.2 (dev, klein)",
@@ -640,7 +697,7 @@ FAMILY = registry.FamilyDescriptor(
     # the latents in the patchified [C, h, w] layout (the adapter's own), the re-noise in the token layout
     noise=registry.NoiseRecipe("global", renoise=draw_token_renoise),
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs),
+                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
                                student_config=_bench_student_config, conditioning=_bench_conditioning,
                                method_defaults=BENCH_METHOD_DEFAULTS),
