@@ -4,7 +4,8 @@ Besides the diffusers folder (:mod:`senseflow.export_diffusers`), users run mode
 A1111 / Forge and other UIs, which load
 
 * a **single-file checkpoint** in the model's original key layout (Stability's MMDiT / LDM UNet,
-  Black Forest Labs' FLUX, NVlabs' SANA), and
+  Black Forest Labs' FLUX.1 / FLUX.2, NVlabs' SANA, Tongyi-MAI's Z-Image; Qwen-Image's is diffusers' own
+  names), and
 * **LoRA weights in kohya-ss' layout** (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight``
   / ``.alpha``).
 
