@@ -178,8 +178,10 @@ def test_single_file_zimage_has_the_original_names_and_refuses_what_diffusers_ca
     ours = model.state_dict()
     original = zimage.to_original(ours, dict(model.config))
     assert torch.equal(original["x_embedder.weight"], ours["all_x_embedder.2-1.weight"])
-    assert torch.equal(original["final_layer.adaLN_modulation.1.bias"], ours["all_final_layer.2-1.adaLN_modulation.1.bias"])
-    assert torch.equal(original["noise_refiner.0.attention.out.weight"], ours["noise_refiner.0.attention.to_out.0.weight"])
+    assert torch.equal(original["final_layer.adaLN_modulation.1.bias"],
+                       ours["all_final_layer.2-1.adaLN_modulation.1.bias"])
+    assert torch.equal(original["noise_refiner.0.attention.out.weight"],
+                       ours["noise_refiner.0.attention.to_out.0.weight"])
     assert torch.equal(original["context_refiner.0.attention.k_norm.weight"],
                        ours["context_refiner.0.attention.norm_k.weight"])
     assert original["layers.1.attention.qkv.weight"].shape == (3 * 32, 32)
