@@ -304,6 +304,43 @@ def test_real_size_layouts_match_released_keys_and_diffusers_reads_them(family):
     assert all(back[k].shape == ours[k].shape for k in ours)
 
 
+#: the new families at their real sizes (senseflow.bench.presets' configs): original key -> shape, worked out
+#: from each config (not read from a released file): FLUX.2-dev width 48 x 128 = 6144, MLP 3 x 6144 = 18432
+#: (SwiGLU: linear1 = 3 x 6144 + 2 x 18432 rows); Z-Image width 3840, 2x2 patches of 16 channels = 64;
+#: Qwen-Image width 24 x 128 = 3072, img_mod 6 x 3072
+NEW_REAL = {
+    "flux2-dev": {"double_blocks.7.img_attn.qkv.weight": (18432, 6144), "single_blocks.47.linear1.weight": (55296, 6144),
+                  "single_blocks.47.linear2.weight": (6144, 24576), "txt_in.weight": (6144, 15360),
+                  "guidance_in.in_layer.weight": (6144, 256), "final_layer.adaLN_modulation.1.weight": (12288, 6144),
+                  "single_stream_modulation.lin.weight": (18432, 6144)},
+    "flux2-klein-4b": {"double_blocks.4.txt_attn.qkv.weight": (9216, 3072), "txt_in.weight": (3072, 7680)},
+    "zimage": {"layers.29.attention.qkv.weight": (11520, 3840), "x_embedder.weight": (3840, 64),
+               "final_layer.linear.weight": (64, 3840), "cap_embedder.1.weight": (3840, 2560),
+               "noise_refiner.1.attention.q_norm.weight": (128,)},
+    "qwen-image": {"transformer_blocks.59.img_mod.1.weight": (18432, 3072), "img_in.weight": (3072, 64),
+                   "txt_in.weight": (3072, 3584)},
+}
+
+
+@pytest.mark.parametrize("preset", list(NEW_REAL))
+def test_real_size_new_family_layouts_have_the_shapes_and_diffusers_reads_them(preset):
+    """FLUX.2 / Z-Image / Qwen-Image at their real sizes (meta device) through diffusers' converters as shipped."""
+    from senseflow.bench.presets import get_preset
+
+    spec = get_preset(preset)
+    with torch.device("meta"):
+        model = getattr(diffusers, spec.model_class)(**spec.config)
+    ours = model.state_dict()
+    original = registry.get(spec.family).export.single_file.to_original(ours, dict(model.config))
+    for key, shape in NEW_REAL[preset].items():
+        assert tuple(original[key].shape) == shape, key
+    assert ("guidance_in.in_layer.weight" in original) == (preset == "flux2-dev")
+    convert = single_file_model.SINGLE_FILE_LOADABLE_CLASSES[spec.model_class]["checkpoint_mapping_fn"]
+    back = convert(checkpoint=dict(original), config=dict(model.config))
+    assert set(back) == set(ours)
+    assert all(back[k].shape == ours[k].shape for k in ours)
+
+
 def test_real_size_sdxl_vae_and_open_clip_match_released_keys_and_diffusers_reads_them():
     """sd_xl_base_1.0's VAE and OpenCLIP bigG parts at their real sizes (meta device)."""
     from diffusers.loaders import single_file_utils as sfu
