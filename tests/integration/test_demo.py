@@ -37,3 +37,19 @@ def test_demo_writes_metrics_grid_and_curves(untrained_teacher, tmp_path, method
     assert versus["num_prompts"] == 4 and versus["ci95"][0] <= versus["gain"] <= versus["ci95"][1]
     for png in ("grid.png", "curves.png"):
         assert (out / png).stat().st_size > 1000
+    if method == "senseflow":
+        _check_served_weights_are_the_ema(out / "run" / "student", untrained_teacher)
+
+
+def _check_served_weights_are_the_ema(student, teacher):
+    """The senseflow recipe keeps an EMA (decay 0.9): 2 iterations at TTUR 5 are ONE G step, so the served
+    weights must be 0.9 x the initial weights (the teacher's) + 0.1 x the raw weights after that step."""
+    import torch
+    from safetensors.torch import load_file
+
+    served, raw = load_file(str(student / "student.safetensors")), load_file(str(student / "student_raw.safetensors"))
+    init = load_file(str(next((teacher / "transformer").glob("*.safetensors"))))
+    moved = [k for k in raw if not torch.equal(raw[k], init[k])]
+    assert moved, "the G step changed no weight"
+    for k in moved[:5]:
+        torch.testing.assert_close(served[k], 0.9 * init[k] + 0.1 * raw[k], rtol=1e-5, atol=1e-6)
