@@ -71,8 +71,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def _common_sets(args: argparse.Namespace) -> list[str]:
-    # every variant is judged on its raw weights, as in the tables of docs/toy.md: only the senseflow recipe
-    # keeps an EMA (for the demo), and serving it to some variants only would not compare like with like
+    # every variant is judged on its raw weights, as in the tables of docs/toy.md, even if a recipe keeps an EMA
     sets = ["generator.ema=null"] + ([f"paths.teacher={args.teacher}"] if args.teacher else [])
     return sets + ([f"paths.prompts={args.prompts}"] if args.prompts else [])
 
