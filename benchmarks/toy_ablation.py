@@ -71,7 +71,8 @@ def _write_json(path: Path, data) -> None:
 
 
 def _common_sets(args: argparse.Namespace) -> list[str]:
-    sets = [f"paths.teacher={args.teacher}"] if args.teacher else []
+    # every variant is judged on its raw weights, as in the tables of docs/toy.md, even if a recipe keeps an EMA
+    sets = ["generator.ema=null"] + ([f"paths.teacher={args.teacher}"] if args.teacher else [])
     return sets + ([f"paths.prompts={args.prompts}"] if args.prompts else [])
 
 

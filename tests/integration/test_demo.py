@@ -17,7 +17,8 @@ def untrained_teacher(tmp_path_factory):
 def test_demo_writes_metrics_grid_and_curves(untrained_teacher, tmp_path, method):
     out = tmp_path / "demo"
     results = run_demo(out, method=method, steps=4, iterations=2, eval_prompts=4, per_prompt=2, eval_every=1,
-                       overrides=[f"paths.teacher={untrained_teacher}", "train.batch_size=4", "train.log_every=1"],
+                       overrides=[f"paths.teacher={untrained_teacher}", "train.batch_size=4", "train.log_every=1",
+                                  *(["generator.ema.decay=0.9"] if method == "senseflow" else [])],
                        progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(results))
@@ -37,3 +38,19 @@ def test_demo_writes_metrics_grid_and_curves(untrained_teacher, tmp_path, method
     assert versus["num_prompts"] == 4 and versus["ci95"][0] <= versus["gain"] <= versus["ci95"][1]
     for png in ("grid.png", "curves.png"):
         assert (out / png).stat().st_size > 1000
+    if method == "senseflow":
+        _check_served_weights_are_the_ema(out / "run" / "student", untrained_teacher)
+
+
+def _check_served_weights_are_the_ema(student, teacher):
+    """With an EMA of decay 0.9 (set above for senseflow): 2 iterations at TTUR 5 are ONE G step, so the served
+    weights must be 0.9 x the initial weights (the teacher's) + 0.1 x the raw weights after that step."""
+    import torch
+    from safetensors.torch import load_file
+
+    served, raw = load_file(str(student / "student.safetensors")), load_file(str(student / "student_raw.safetensors"))
+    init = load_file(str(next((teacher / "transformer").glob("*.safetensors"))))
+    moved = [k for k in raw if not torch.equal(raw[k], init[k])]
+    assert moved, "the G step changed no weight"
+    for k in moved[:5]:
+        torch.testing.assert_close(served[k], 0.9 * init[k] + 0.1 * raw[k], rtol=1e-5, atol=1e-6)

@@ -234,13 +234,21 @@ def run_demo(out: Path, method: str = "senseflow", steps: int = 4, iterations: i
 
 
 def _export_student(trainer: Trainer, config, folder: Path) -> None:
-    """``<out>/run/student/``, as ``senseflow train`` writes it: ``senseflow evaluate / generate --student <out>/run``."""
-    from ..export import export_student
+    """``<out>/run/student/``, as ``senseflow train`` writes it: ``senseflow evaluate / generate --student <out>/run``.
 
-    export_student(trainer.method.models.generator, folder,
-                   {"family": config.teacher.family, "teacher": config.paths.teacher,
-                    "resolution": config.teacher.resolution, "sampler": config.generator.sampler,
-                    "method": config.method.name, "step": trainer.step})
+    With ``generator.ema`` both weight sets are written and ``student.safetensors`` holds the served
+    set (the EMA by default): the weights the demo's own numbers were measured with.
+    """
+    from ..export import export_student
+    from ..train.ema import export_student_with_ema
+
+    meta = {"family": config.teacher.family, "teacher": config.paths.teacher,
+            "resolution": config.teacher.resolution, "sampler": config.generator.sampler,
+            "method": config.method.name, "step": trainer.step}
+    if trainer.ema is not None:
+        export_student_with_ema(trainer, folder, meta)
+    else:
+        export_student(trainer.method.models.generator, folder, meta)
 
 
 def _teacher_cfg(config) -> float:

@@ -1,0 +1,48 @@
+"""Reference points for the demo's numbers, on the demo's own evaluation set (64 open prompts x 4 seeds).
+
+Why: the demo's bar is "fd_real below the 4-step teacher's", so it matters where FD can go at 256
+samples at all (real images against real images of the same prompts with other placements: the
+floor), what the teacher gives at other CFG scales and step counts, and where the student starts
+(the teacher's weights run as a 4-step generator, stochastic or Euler, no CFG).
+
+    .venv/bin/python benchmarks/toy_demo_reference.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from senseflow import api
+from senseflow.config import load_config
+from senseflow.toy.demo import RECIPES, EvalSet, sample_student, sample_teacher
+from senseflow.toy.evaluator import ToyEvaluator
+
+TEACHER_POINTS = ((4, 1.0), (4, 2.0), (4, 3.0), (8, 3.0), (32, 2.0))
+
+
+def main() -> None:
+    config = load_config(RECIPES / "senseflow.yaml", ["paths.output=runs/demo_reference", "train.progress=false"])
+    evaluator = ToyEvaluator.load()
+    trainer = api.build_trainer(config, resume="never")
+    teacher = trainer.method.models.teacher
+    evalset = EvalSet(teacher.adapter, 64, 4, 0, trainer.device, open_positions=True)
+
+    def show(name: str, images: torch.Tensor) -> None:
+        m = evaluator.evaluate(images, evalset.prompts)
+        print(f"{name:44s} attr_acc {m['attr_acc']:.3f}  fd_real {m['fd_real']:7.1f}", flush=True)
+
+    show("real images, other placements (floor)", ToyEvaluator.load(reference_seed=1).reference_images(evalset.prompts))
+    for steps, cfg in TEACHER_POINTS:
+        t0 = time.time()
+        images, _ = sample_teacher(teacher, evalset, steps, cfg)
+        show(f"teacher {steps} Euler steps, CFG {cfg} ({time.time() - t0:.0f} s)", images)
+    for sampler in ("stochastic", "euler"):
+        images, _ = sample_student(trainer.method.models.generator, evalset, sampler)
+        show(f"student at initialisation, {sampler}", images)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
