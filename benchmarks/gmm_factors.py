@@ -51,6 +51,8 @@ for m in ("senseflow", "dmd2"):
         _v(f"{m}-{k}-ttur10", m, k, method_overrides={"ttur": 10})
         _v(f"{m}-{k}-dmdtime-teacher", m, k, method_overrides={"dmd_time": {"kind": "teacher"}})
         _v(f"{m}-{k}-dmdtime-high", m, k, method_overrides={"dmd_time": {"kind": "uniform", "low": 0.2, "high": 0.98}})
+        _v(f"{m}-{k}-faketime-uniform", m, k,
+           method_overrides={"fake_time": {"kind": "uniform", "low": 0.02, "high": 0.98}})
         _v(f"{m}-{k}-backward0", m, k, real_data=True, method_overrides={"backward_probability": 0.0})
         _v(f"{m}-{k}-cfg2", m, k, method_overrides={"real_guidance": {"cfg": 2.0}})
 _v("senseflow-4-noida", "senseflow", 4, method_overrides={"ida": False})
@@ -60,7 +62,7 @@ _v("dmd2-1-lr1e-3-it3000", "dmd2", 1, lr_g=1e-3, lr_fake=1e-3, iterations=3000)
 # 1 step: G queried at an earlier time with the noise scaled to it (SiD's sigma_init; FewStepGenerator(first_input_time))
 GAN = {"gan_head": {"enabled": True}}
 for m in ("senseflow", "dmd2", "sid"):
-    for tin in (0.5, 0.7, 0.85):
+    for tin in (0.3, 0.4, 0.5, 0.7, 0.85):
         _v(f"{m}-1-tin{tin}", m, 1, generator_input_time=tin)
         _v(f"{m}-1-tin{tin}-lr1e-3", m, 1, generator_input_time=tin, lr_g=1e-3, lr_fake=1e-3)
 for m in ("senseflow", "dmd2"):

@@ -238,3 +238,12 @@ def test_gan_head_reads_the_mlp_hidden_vectors():
     assert as_map(torch.ones(2, 5), (1, 1)).shape == (2, 5, 1, 1)
     with pytest.raises(SenseflowError, match="feature_size must be"):
         as_map(torch.ones(2, 5), (2, 2))
+
+
+def test_cli_refuses_bad_generator_input_time(tmp_path, capsys):
+    from senseflow.cli import main
+
+    out = tmp_path / "gmm"
+    assert main(["toy", "gmm", "--generator-input-time", "0", "--out", str(out)]) == 2
+    assert "--generator-input-time must be in (0, 1]" in capsys.readouterr().err
+    assert not out.exists()
