@@ -22,7 +22,7 @@ from senseflow.toy.gmm.mixture import GaussianMixture
 from senseflow.toy.gmm.run import EvalSet, teacher_samples
 from senseflow.toy.gmm.teacher import TIME_LAWS, GMMAdapter
 
-STEPS = (4, 8, 32, 128)
+STEPS = (1, 2, 4, 8, 32, 128)
 
 
 def parse_variant(name: str) -> tuple[int, int, str]:

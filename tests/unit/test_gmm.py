@@ -244,6 +244,6 @@ def test_cli_refuses_bad_generator_input_time(tmp_path, capsys):
     from senseflow.cli import main
 
     out = tmp_path / "gmm"
-    assert main(["toy", "gmm", "--generator-input-time", "0", "--out", str(out)]) == 2
-    assert "--generator-input-time must be in (0, 1]" in capsys.readouterr().err
+    assert main(["toy", "gmm", "--one-step-input-time", "0", "--out", str(out)]) == 2
+    assert "--one-step-input-time must be in (0, 1]" in capsys.readouterr().err
     assert not out.exists()
