@@ -114,9 +114,39 @@ def main() -> None:
     p.add_argument("--teacher-fit-steps", type=int, default=2000, help="fit steps of the MLP backbone")
     p.add_argument("--teacher-law", default="logit_normal", help="time law of the backbone fit (teacher.fit_times)")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--curves", default=None, metavar="PNG",
+                   help="train nothing: plot the curves (mean over seeds) of the recorded runs in <out>/factors.jsonl")
+    p.add_argument("--scatter", default=None, metavar="PNG",
+                   help="train nothing: plot the saved final samples in <out>/samples (first seed of each variant)")
     args = p.parse_args()
     if args.list:
         print("\n".join(VARIANTS))
+        return
+    if args.scatter:
+        from safetensors.torch import load_file
+        from senseflow.toy.gmm.bench import plot_scatter
+        mixture = GaussianMixture.random(16, 4, 5, seed=0)
+        ev = EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
+        panels = {"true samples": ev.reference.float()}
+        from senseflow.teachers.base import Guidance
+        from senseflow.toy.gmm.run import teacher_samples
+        mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3,
+                                  args.teacher_fit_steps, time_law=args.teacher_law)
+        for n in (4, 128):
+            panels[f"teacher MLP, Euler {n}"] = teacher_samples(mixture, mlp, n, ev, Guidance())
+        for f in sorted((Path(args.out) / "samples").glob("*.safetensors")):
+            panels[f.stem.replace("-w256-s6000-logit_normal", "")] = load_file(str(f))["x"]
+        plot_scatter(mixture, panels, ev.labels, Path(args.scatter))
+        print(f"wrote {args.scatter} ({', '.join(panels)})")
+        return
+    if args.curves:
+        from senseflow.toy.gmm.bench import plot_curves
+        recs = [json.loads(line) for line in (Path(args.out) / "factors.jsonl").read_text().splitlines() if line]
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for r in recs:
+            runs.setdefault(r["variant"], []).append(r)
+        plot_curves(runs, Path(args.curves))
+        print(f"wrote {args.curves} ({', '.join(f'{k}: {len(v)} seeds' for k, v in runs.items())})")
         return
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -144,7 +174,13 @@ def main() -> None:
         spec = RunSpec(method=method, steps=steps, seed=seed, **{"iterations": args.iterations, **changes})
         t0 = time.perf_counter()
         res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every)
-        res.pop("generator")
+        gen = res.pop("generator")
+        if seed == seeds[0]:  # the final samples of the first seed, for --scatter
+            from safetensors.torch import save_file
+            from senseflow.toy.gmm.run import sample_generator
+            (out / "samples").mkdir(exist_ok=True)
+            save_file({"x": sample_generator(gen, ev).float().contiguous()},
+                      str(out / "samples" / f"{name}{backbone_tag}_s{seed}.safetensors"))
         if backbone_tag:
             name = f"{name}{backbone_tag}"
         rec = {"variant": name, "seed": seed, "seconds": time.perf_counter() - t0, **res}
