@@ -142,9 +142,12 @@ def main() -> None:
     if args.curves:
         from senseflow.toy.gmm.bench import plot_curves
         recs = [json.loads(line) for line in (Path(args.out) / "factors.jsonl").read_text().splitlines() if line]
+        wanted = {v for v in args.variants.split(",") if v}
+        if any(r["variant"].split("-w")[0] in wanted for r in recs):  # --variants picks the lines
+            recs = [r for r in recs if r["variant"].split("-w")[0] in wanted]
         runs: dict[str, list[dict[str, Any]]] = {}
         for r in recs:
-            runs.setdefault(r["variant"], []).append(r)
+            runs.setdefault(r["variant"].replace("-w256-s6000-logit_normal", " (w256)"), []).append(r)
         plot_curves(runs, Path(args.curves))
         print(f"wrote {args.curves} ({', '.join(f'{k}: {len(v)} seeds' for k, v in runs.items())})")
         return
