@@ -72,7 +72,8 @@ for m in ("senseflow", "dmd2"):
         _v(f"{m}-{k}-gan10", m, k, real_data=True,
            method_overrides={"gan_head": {"enabled": True, "generator_weight": 5e-2, "classifier_weight": 1e-1}})
     _v(f"{m}-1-gan-lr1e-3", m, 1, real_data=True, lr_g=1e-3, lr_fake=1e-3, method_overrides=GAN)
-    _v(f"{m}-1-tin0.7-gan", m, 1, real_data=True, generator_input_time=0.7, method_overrides=GAN)
+    for tin in (0.3, 0.7):
+        _v(f"{m}-1-tin{tin}-gan", m, 1, real_data=True, generator_input_time=tin, method_overrides=GAN)
 # pushed DMD2 (issue #13: 3x generator lr, TTUR 1), with and without IDA at several lambdas
 for lr, tag in ((3e-4, "push3"), (1e-3, "push10")):
     _v(f"dmd2-4-{tag}", "dmd2", 4, lr_g=lr, method_overrides={"ttur": 1})
