@@ -51,12 +51,29 @@ for m in ("senseflow", "dmd2"):
         _v(f"{m}-{k}-ttur10", m, k, method_overrides={"ttur": 10})
         _v(f"{m}-{k}-dmdtime-teacher", m, k, method_overrides={"dmd_time": {"kind": "teacher"}})
         _v(f"{m}-{k}-dmdtime-high", m, k, method_overrides={"dmd_time": {"kind": "uniform", "low": 0.2, "high": 0.98}})
+        _v(f"{m}-{k}-faketime-uniform", m, k,
+           method_overrides={"fake_time": {"kind": "uniform", "low": 0.02, "high": 0.98}})
         _v(f"{m}-{k}-backward0", m, k, real_data=True, method_overrides={"backward_probability": 0.0})
         _v(f"{m}-{k}-cfg2", m, k, method_overrides={"real_guidance": {"cfg": 2.0}})
 _v("senseflow-4-noida", "senseflow", 4, method_overrides={"ida": False})
 _v("senseflow-4-noisg", "senseflow", 4, method_overrides={"isg_weight": 0.0})
 _v("senseflow-1-noida", "senseflow", 1, method_overrides={"ida": False})
 _v("dmd2-1-lr1e-3-it3000", "dmd2", 1, lr_g=1e-3, lr_fake=1e-3, iterations=3000)
+# 1 step: G queried at an earlier time with the noise scaled to it (SiD's sigma_init; FewStepGenerator(first_input_time))
+GAN = {"gan_head": {"enabled": True}}
+for m in ("senseflow", "dmd2", "sid"):
+    for tin in (0.3, 0.4, 0.5, 0.7, 0.85):
+        _v(f"{m}-1-tin{tin}", m, 1, generator_input_time=tin)
+        _v(f"{m}-1-tin{tin}-lr1e-3", m, 1, generator_input_time=tin, lr_g=1e-3, lr_fake=1e-3)
+for m in ("senseflow", "dmd2"):
+    for k in (1, 4):
+        # DMD2's GAN head on the fake score, real samples from the mixture (free here)
+        _v(f"{m}-{k}-gan", m, k, real_data=True, method_overrides=GAN)
+        _v(f"{m}-{k}-gan10", m, k, real_data=True,
+           method_overrides={"gan_head": {"enabled": True, "generator_weight": 5e-2, "classifier_weight": 1e-1}})
+    _v(f"{m}-1-gan-lr1e-3", m, 1, real_data=True, lr_g=1e-3, lr_fake=1e-3, method_overrides=GAN)
+    for tin in (0.3, 0.7):
+        _v(f"{m}-1-tin{tin}-gan", m, 1, real_data=True, generator_input_time=tin, method_overrides=GAN)
 # pushed DMD2 (issue #13: 3x generator lr, TTUR 1), with and without IDA at several lambdas
 for lr, tag in ((3e-4, "push3"), (1e-3, "push10")):
     _v(f"dmd2-4-{tag}", "dmd2", 4, lr_g=lr, method_overrides={"ttur": 1})
@@ -95,10 +112,45 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-samples", type=int, default=4000)
     p.add_argument("--teacher-width", type=int, default=128, help="width of the MLP backbone (capacity factor)")
+    p.add_argument("--teacher-fit-steps", type=int, default=2000, help="fit steps of the MLP backbone")
+    p.add_argument("--teacher-law", default="logit_normal", help="time law of the backbone fit (teacher.fit_times)")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--curves", default=None, metavar="PNG",
+                   help="train nothing: plot the curves (mean over seeds) of the recorded runs in <out>/factors.jsonl")
+    p.add_argument("--scatter", default=None, metavar="PNG",
+                   help="train nothing: plot the saved final samples in <out>/samples (first seed of each variant)")
     args = p.parse_args()
     if args.list:
         print("\n".join(VARIANTS))
+        return
+    if args.scatter:
+        from safetensors.torch import load_file
+        from senseflow.toy.gmm.bench import plot_scatter
+        mixture = GaussianMixture.random(16, 4, 5, seed=0)
+        ev = EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
+        panels = {"true samples": ev.reference.float()}
+        from senseflow.teachers.base import Guidance
+        from senseflow.toy.gmm.run import teacher_samples
+        mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3,
+                                  args.teacher_fit_steps, time_law=args.teacher_law)
+        for n in (4, 128):
+            panels[f"teacher MLP, Euler {n}"] = teacher_samples(mixture, mlp, n, ev, Guidance())
+        for f in sorted((Path(args.out) / "samples").glob("*.safetensors")):
+            panels[f.stem.replace("-w256-s6000-logit_normal", "")] = load_file(str(f))["x"]
+        plot_scatter(mixture, panels, ev.labels, Path(args.scatter))
+        print(f"wrote {args.scatter} ({', '.join(panels)})")
+        return
+    if args.curves:
+        from senseflow.toy.gmm.bench import plot_curves
+        recs = [json.loads(line) for line in (Path(args.out) / "factors.jsonl").read_text().splitlines() if line]
+        wanted = {v for v in args.variants.split(",") if v}
+        if any(r["variant"].split("-w")[0] in wanted for r in recs):  # --variants picks the lines
+            recs = [r for r in recs if r["variant"].split("-w")[0] in wanted]
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for r in recs:
+            runs.setdefault(r["variant"].replace("-w256-s6000-logit_normal", " (w256)"), []).append(r)
+        plot_curves(runs, Path(args.curves))
+        print(f"wrote {args.curves} ({', '.join(f'{k}: {len(v)} seeds' for k, v in runs.items())})")
         return
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -108,14 +160,17 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mixture = GaussianMixture.random(16, 4, 5, seed=0)
-    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3, 2000)
+    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3, args.teacher_fit_steps,
+                              time_law=args.teacher_law)
+    backbone_tag = "" if (args.teacher_width, args.teacher_fit_steps, args.teacher_law) == (128, 2000, "logit_normal") \
+        else f"-w{args.teacher_width}-s{args.teacher_fit_steps}-{args.teacher_law}"
     ev = EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
-    if args.teacher_width != 128:  # the capacity factor: how good is the backbone itself?
+    if backbone_tag:  # the capacity factor: how good is the backbone itself?
         from senseflow.teachers.base import Guidance
         from senseflow.toy.gmm.run import teacher_samples
         for n in (4, 128):
             f = ev.score(mixture, teacher_samples(mixture, mlp, n, ev, Guidance()))
-            tqdm.write(f"MLP teacher width {args.teacher_width}, Euler {n}: prec {f['precision']:.3f} "
+            tqdm.write(f"MLP teacher {backbone_tag[1:]}, Euler {n}: prec {f['precision']:.3f} "
                        f"cov {f['coverage']:.2f} tv {f['mode_tv']:.3f} sw2 {f['sw2']:.3f}")
     log = out / "factors.jsonl"
     for name, seed in tqdm([(n, s) for n in names for s in seeds], desc="gmm factors", dynamic_ncols=True):
@@ -123,9 +178,15 @@ def main() -> None:
         spec = RunSpec(method=method, steps=steps, seed=seed, **{"iterations": args.iterations, **changes})
         t0 = time.perf_counter()
         res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every)
-        res.pop("generator")
-        if args.teacher_width != 128:
-            name = f"{name}-w{args.teacher_width}"
+        gen = res.pop("generator")
+        if seed == seeds[0]:  # the final samples of the first seed, for --scatter
+            from safetensors.torch import save_file
+            from senseflow.toy.gmm.run import sample_generator
+            (out / "samples").mkdir(exist_ok=True)
+            save_file({"x": sample_generator(gen, ev).float().contiguous()},
+                      str(out / "samples" / f"{name}{backbone_tag}_s{seed}.safetensors"))
+        if backbone_tag:
+            name = f"{name}{backbone_tag}"
         rec = {"variant": name, "seed": seed, "seconds": time.perf_counter() - t0, **res}
         with open(log, "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")

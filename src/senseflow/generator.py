@@ -38,9 +38,14 @@ class FewStepGenerator(nn.Module):
     for forward diffusion of real latents see ``training_input(pure_first_anchor=...)``).
     """
 
-    def __init__(self, denoiser: Denoiser, anchors: Sequence[float] | Tensor) -> None:
+    def __init__(self, denoiser: Denoiser, anchors: Sequence[float] | Tensor,
+                 first_input_time: float | None = None) -> None:
+        """``first_input_time``: query the backbone at this native time for the first anchor, with the
+        noise scaled as that time's noise term (``add_noise(0, eps, t_in)``: SiD's ``G(sigma_init z,
+        sigma_init)``).  ``None`` (default) = the anchor itself, as the released SenseFlow/DMD2 code."""
         super().__init__()
         self.denoiser = denoiser
+        self.first_input_time = first_input_time
         a = as_time(anchors).flatten().cpu()
         if len(a) == 0:
             raise ValueError("a generator needs at least one anchor")
@@ -63,6 +68,12 @@ class FewStepGenerator(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """``x0`` prediction of G (no guidance: the student is guidance-free)."""
+        if self.first_input_time is not None and bool((t == self.anchors[0]).all()):
+            # at a pure-noise first anchor (t = 1 for flows) a copy of the teacher predicts the class
+            # mean for every noise: a 1-step student starts collapsed.  At an earlier time the copy's
+            # prediction depends on the noise, so G starts diverse.
+            t_in = torch.full_like(t, self.first_input_time)
+            return self.denoiser(self.schedule.add_noise(torch.zeros_like(x_t), x_t, t_in), t_in, cond)
         return self.denoiser(x_t, t, cond)
 
     def step(self, x_t: Tensor, x0: Tensor, t: Tensor, t_next: Tensor) -> Tensor:

@@ -178,3 +178,72 @@ def test_cli_refuses_bad_input_before_writing(tmp_path, capsys):
     assert main(["toy", "gmm", "--methods", "dmd2", "--set", "tturx=3", "--out", str(out)]) == 2
     assert "no such setting" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_first_input_time_queries_the_backbone_at_an_earlier_time():
+    """``first_input_time``: at the pure-noise anchor G returns E[x0 | x = t_in eps, t_in] (SiD's
+    ``G(sigma_init z, sigma_init)``), not the class mean E[x0 | x_1] that a t = 1 copy returns for every noise."""
+    from senseflow.generator import FewStepGenerator
+
+    mix = GaussianMixture.random(dim=4, classes=2, modes_per_class=3, seed=4)
+    adapter = GMMAdapter(mix)
+    cond = adapter.encode_prompts(["class 0", "class 1", "class 1"])
+    labels = torch.tensor([0, 1, 1])
+    eps = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    one = torch.ones(3, dtype=torch.float64)
+    plain = FewStepGenerator(Denoiser(ExactVelocity(mix), adapter), [1.0])
+    class_mean = (mix.weights[..., None] * mix.means).sum(1)[labels]
+    torch.testing.assert_close(plain(eps, one, cond).double(), class_mean, rtol=1e-6, atol=1e-6)
+    early = FewStepGenerator(Denoiser(ExactVelocity(mix), adapter), [1.0], first_input_time=0.5)
+    expected = mix.posterior_mean(0.5 * eps, 0.5, labels)
+    torch.testing.assert_close(early(eps, one, cond).double(), expected, rtol=1e-6, atol=1e-6)
+    assert (expected - class_mean).norm(dim=1).min() > 0.05  # the noise now matters
+    # later anchors are untouched
+    half = torch.full((3,), 0.5, dtype=torch.float64)
+    two = FewStepGenerator(Denoiser(ExactVelocity(mix), adapter), [1.0, 0.5], first_input_time=0.7)
+    torch.testing.assert_close(two(eps, half, cond).double(), mix.posterior_mean(eps, 0.5, labels),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_fit_time_laws_put_the_expected_mass_below_0_1():
+    """P(t < 0.1): logit-normal(0, 1) = Phi(logit 0.1) = Phi(-2.197) = 0.0140; uniform 0.1; mixed their mean."""
+    from senseflow.toy.gmm.teacher import fit_times
+
+    n = 200_000
+    share = {law: float((fit_times(n, law, torch.Generator().manual_seed(0)) < 0.1).double().mean())
+             for law in ("logit_normal", "uniform", "mixed")}
+    assert share["logit_normal"] == pytest.approx(0.0140, abs=0.0015)
+    assert share["uniform"] == pytest.approx(0.1, abs=0.003)
+    assert share["mixed"] == pytest.approx(0.057, abs=0.003)
+    with pytest.raises(SenseflowError, match="time law"):
+        fit_times(4, "cosine", torch.Generator())
+
+
+def test_gan_head_reads_the_mlp_hidden_vectors():
+    """DMD2's GAN head on the toy MLP: [B, width] features of the middle block -> one logit per sample,
+    and its gradient reaches the fake score's trunk (the classifier loss trains it, as released)."""
+    from senseflow.discriminators.dmd2_head import GANHeadConfig, as_map, attach_gan_head
+    from senseflow.toy.gmm.teacher import VelocityMLP
+
+    mix = GaussianMixture.random(dim=4, classes=2, modes_per_class=2, seed=0)
+    adapter = GMMAdapter(mix)
+    fake = Denoiser(VelocityMLP(4, 2, width=16, depth=3), adapter)
+    head = attach_gan_head(fake, GANHeadConfig(enabled=True))
+    assert head.tap.name == "blocks.1" and head.tap.channels == 16 and head.tap.size == (1, 1)
+    cond = adapter.encode_prompts(["class 0", "class 1", "class 0"])
+    logits = head.logits(fake, torch.randn(3, 4), torch.full((3,), 0.5, dtype=torch.float64), cond)
+    assert logits.shape == (3,)
+    logits.sum().backward()
+    assert fake.backbone.blocks[0][1].weight.grad.abs().sum() > 0
+    assert as_map(torch.ones(2, 5), (1, 1)).shape == (2, 5, 1, 1)
+    with pytest.raises(SenseflowError, match="feature_size must be"):
+        as_map(torch.ones(2, 5), (2, 2))
+
+
+def test_cli_refuses_bad_generator_input_time(tmp_path, capsys):
+    from senseflow.cli import main
+
+    out = tmp_path / "gmm"
+    assert main(["toy", "gmm", "--one-step-input-time", "0", "--out", str(out)]) == 2
+    assert "--one-step-input-time must be in (0, 1]" in capsys.readouterr().err
+    assert not out.exists()

@@ -137,8 +137,14 @@ class ClassifierHead(nn.Module):
 
 
 def as_map(features: Tensor, size: tuple[int, int]) -> Tensor:
-    """``[B, C, h, w]`` as is; ``[B, h*w, D]`` tokens (row-major) -> ``[B, D, h, w]``."""
+    """``[B, C, h, w]`` as is; ``[B, h*w, D]`` tokens (row-major) -> ``[B, D, h, w]``; ``[B, C]`` vectors
+    (an MLP's hidden state, size ``(1, 1)``) -> ``[B, C, 1, 1]``."""
     h, w = size
+    if features.ndim == 2:
+        if (h, w) != (1, 1):
+            raise SenseflowError(f"GAN head: the tapped layer outputs [B, C] vectors; feature_size must be (1, 1), "
+                                 f"got {(h, w)}")
+        return features[:, :, None, None]
     if features.ndim == 4:
         if tuple(features.shape[-2:]) != (h, w):
             raise SenseflowError(f"GAN head: the tapped map is {tuple(features.shape[-2:])}, expected {(h, w)}; "

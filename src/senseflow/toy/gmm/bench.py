@@ -23,23 +23,24 @@ from ...teachers.base import Guidance, SenseflowError
 from .metrics import METRICS
 from .mixture import GaussianMixture
 from .run import CONFIGS, EvalSet, RunSpec, distil, sample_generator, teacher_samples
-from .teacher import ExactVelocity, GMMAdapter, VelocityMLP, fit_mlp_teacher
+from .teacher import TIME_LAWS, ExactVelocity, GMMAdapter, VelocityMLP, fit_mlp_teacher
 
 TEACHER_STEPS: tuple[int, ...] = (1, 2, 4, 8, 32, 128)
 SHOWN: tuple[str, ...] = ("class_acc", "precision", "coverage", "mode_tv", "recall", "sw2", "log_density")
 
 
 def load_or_fit_teacher(mixture: GaussianMixture, mixture_key: str, out: Path | None, width: int, depth: int,
-                        steps: int, progress: bool = True) -> VelocityMLP:
+                        steps: int, progress: bool = True, time_law: str = "logit_normal") -> VelocityMLP:
     """The MLP teacher, cached as safetensors next to the results (refit when anything differs)."""
     from safetensors.torch import load_file, save_file
 
-    path = None if out is None else out / f"teacher_{mixture_key}_w{width}_d{depth}_s{steps}.safetensors"
+    law = "" if time_law == "logit_normal" else f"_{time_law}"
+    path = None if out is None else out / f"teacher_{mixture_key}_w{width}_d{depth}_s{steps}{law}.safetensors"
     net = VelocityMLP(mixture.dim, mixture.num_classes, width, depth)
     if path is not None and path.is_file():
         net.load_state_dict(load_file(str(path)))
         return net.eval()
-    net = fit_mlp_teacher(mixture, width, depth, steps, progress=progress)
+    net = fit_mlp_teacher(mixture, width, depth, steps, progress=progress, time_law=time_law)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -167,9 +168,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--teacher", choices=("mlp", "exact"), default="exact",
                    help="mlp: distil the network teacher; exact: the analytic posterior is the teacher")
-    p.add_argument("--teacher-width", type=int, default=128)
+    # width 256 fitted 6000 steps: its own Euler-128 precision 0.990 (width 128 / 2000 steps: 0.929), the
+    # ceiling of every student (docs/ground_truth.md); the fit (~6 min on one idle core) is cached in --out
+    p.add_argument("--teacher-width", type=int, default=256)
     p.add_argument("--teacher-depth", type=int, default=3)
-    p.add_argument("--teacher-train-steps", type=int, default=2000)
+    p.add_argument("--teacher-train-steps", type=int, default=6000)
+    p.add_argument("--teacher-law", choices=TIME_LAWS, default="logit_normal",
+                   help="time law of the MLP backbone's fit (teacher.fit_times)")
+    p.add_argument("--one-step-input-time", type=float, default=None, metavar="T",
+                   help="1-step students: query G at time T for the pure noise, scaled to T (SiD's sigma_init; "
+                        "docs/deviations.md); default: t = 1, the anchor itself")
     p.add_argument("--ema", type=float, default=None, help="also evaluate an EMA of the generator with this decay")
     p.add_argument("--real-data", action="store_true", help="batches carry true samples")
     p.add_argument("--eval-every", type=int, default=250)
@@ -191,6 +199,8 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], list[int], d
         raise SenseflowError(f"--eval-samples must be >= 10 per class ({10 * args.classes})")
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         raise SenseflowError("--ema must be in (0, 1)")
+    if args.one_step_input_time is not None and not 0.0 < args.one_step_input_time <= 1.0:
+        raise SenseflowError("--one-step-input-time must be in (0, 1]")
     overrides = parse_method_overrides(args.overrides)
     unused = [k for k in overrides if not any(k in CONFIGS[m].model_fields for m in methods)]
     if unused:
@@ -219,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
     mixture = GaussianMixture.random(args.dim, args.classes, args.modes, seed=args.mixture_seed)
     key = f"D{args.dim}_C{args.classes}_M{args.modes}_s{args.mixture_seed}"
     out.mkdir(parents=True, exist_ok=True)
-    mlp = load_or_fit_teacher(mixture, key, out, args.teacher_width, args.teacher_depth, args.teacher_train_steps)
+    mlp = load_or_fit_teacher(mixture, key, out, args.teacher_width, args.teacher_depth, args.teacher_train_steps,
+                              time_law=args.teacher_law)
     adapter = GMMAdapter(mixture)
     ev = EvalSet.make(mixture, adapter, args.eval_samples)
     entries: list[tuple[str, dict[str, tuple[float, float]]]] = []
@@ -243,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
     for m, k, s in tqdm(jobs, desc="gmm students", dynamic_ncols=True):
         spec = RunSpec(method=m, steps=k, iterations=args.iterations, batch_size=args.batch_size, lr_g=args.lr_g,
                        lr_fake=args.lr_fake, seed=s, teacher=args.teacher, method_overrides=_for_method(m, overrides),
-                       real_data=args.real_data, ema_decay=args.ema)
+                       real_data=args.real_data, ema_decay=args.ema,
+                       generator_input_time=args.one_step_input_time if k == 1 else None)
         res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every)
         gen = res.pop("generator")
         name = f"{m} {k}-step"

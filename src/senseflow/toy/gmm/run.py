@@ -64,6 +64,7 @@ class RunSpec:
     real_data: bool = False  # batches carry true samples (forward diffusion / discriminators)
     ema_decay: float | None = None
     grad_clip: float | None = 1.0
+    generator_input_time: float | None = None  # FewStepGenerator(first_input_time=...): SiD's sigma_init
     label: str = ""
 
     def method_config(self):
@@ -127,7 +128,8 @@ def build_models(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec) -> D
         raise SenseflowError(f"gmm: teacher must be 'mlp' or 'exact', got {spec.teacher!r}")
     teacher = Denoiser(freeze(teacher_backbone), adapter)
     student = adapter.make_student(teacher_backbone).requires_grad_(True).train()
-    generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, unit_anchors(spec.steps)))
+    generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, unit_anchors(spec.steps)),
+                                 first_input_time=spec.generator_input_time)
     fake = Denoiser(adapter.make_fake_score(teacher_backbone).requires_grad_(True).train(), adapter)
     return DistillationModels(teacher=teacher, generator=generator, fake_score=fake)
 
@@ -156,7 +158,8 @@ class EMA:
         self.decay = decay
         self.source = generator.denoiser.backbone
         self.shadow = copy.deepcopy(self.source).requires_grad_(False)
-        self.generator = FewStepGenerator(Denoiser(self.shadow, generator.denoiser.adapter), generator.anchors)
+        self.generator = FewStepGenerator(Denoiser(self.shadow, generator.denoiser.adapter), generator.anchors,
+                                          first_input_time=generator.first_input_time)
 
     @torch.no_grad()
     def update(self) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ...schedules import RectifiedFlow
-from ...teachers.base import SenseflowError
+from ...teachers.base import FeatureTap, SenseflowError
 from ...teachers.custom import CallableAdapter
 from .mixture import GaussianMixture
 
@@ -110,16 +110,49 @@ class GMMAdapter(CallableAdapter):
     def make_student(self, teacher_backbone: nn.Module) -> nn.Module:
         return copy.deepcopy(self.student_init if self.student_init is not None else teacher_backbone)
 
+    def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
+        """DMD2's GAN head reads the MLP's middle residual block (``[B, width]`` vectors)."""
+        if not isinstance(backbone, VelocityMLP):
+            return None
+        name = layer or f"blocks.{backbone.depth // 2}"
+        return FeatureTap(name, backbone.width, (1, 1)) if name.startswith("blocks.") else None
+
     def make_fake_score(self, teacher_backbone: nn.Module) -> nn.Module:
         return copy.deepcopy(self.student_init if self.student_init is not None else teacher_backbone)
 
 
+#: time laws of the backbone fit (``fit_mlp_teacher(time_law=...)``)
+TIME_LAWS: tuple[str, ...] = ("logit_normal", "uniform", "mixed")
+
+
+def fit_times(n: int, law: str, g: torch.Generator) -> Tensor:
+    """Training times of the backbone fit, float64 ``[n]`` in ``[MIN_T, 1]``.
+
+    * ``logit_normal`` -- sigmoid(N(0, 1)), SD3's law: only 1.4% of draws below t = 0.1, where the
+      posterior mean turns from "nearest mode" into "this sample" (components are 0.05-0.15 wide);
+    * ``uniform`` -- U(0, 1): ten times more mass below 0.1;
+    * ``mixed`` -- half of each.
+    """
+    if law not in TIME_LAWS:
+        raise SenseflowError(f"teacher time law {law!r}: choose from {', '.join(TIME_LAWS)}")
+    ln = torch.sigmoid(torch.randn(n, generator=g, dtype=torch.float64))
+    if law == "logit_normal":
+        t = ln
+    else:
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        t = u if law == "uniform" else torch.where(torch.arange(n) % 2 == 0, ln, u)
+    return t.clamp(MIN_T, 1.0)
+
+
 def fit_mlp_teacher(mixture: GaussianMixture, width: int = 128, depth: int = 3, steps: int = 2000,
-                    batch_size: int = 512, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> VelocityMLP:
-    """Fit a :class:`VelocityMLP` to the exact velocity (MSE, logit-normal(0, 1) times as SD3's training law,
+                    batch_size: int = 512, lr: float = 1e-3, seed: int = 0, progress: bool = True,
+                    time_law: str = "logit_normal") -> VelocityMLP:
+    """Fit a :class:`VelocityMLP` to the exact velocity (MSE, times from ``time_law`` (:func:`fit_times`),
     cosine-decayed lr).  Regression on exact targets is flow matching without its label noise."""
     if steps < 1:
         raise SenseflowError("teacher steps must be >= 1")
+    if time_law not in TIME_LAWS:
+        raise SenseflowError(f"teacher time law {time_law!r}: choose from {', '.join(TIME_LAWS)}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = VelocityMLP(mixture.dim, mixture.num_classes, width, depth)
@@ -129,7 +162,7 @@ def fit_mlp_teacher(mixture: GaussianMixture, width: int = 128, depth: int = 3, 
     for _ in tqdm(range(steps), desc="gmm teacher", disable=not progress, dynamic_ncols=True):
         labels = mixture.sample_labels(batch_size, g)
         x0 = mixture.sample(labels, g)
-        t = torch.sigmoid(torch.randn(batch_size, generator=g, dtype=torch.float64)).clamp(MIN_T, 1.0)
+        t = fit_times(batch_size, time_law, g)
         # a tenth of the batch at the anchor t = 1 exactly: the 1-step generator is evaluated there
         t[: batch_size // 10] = 1.0
         eps = torch.randn(batch_size, mixture.dim, generator=g, dtype=torch.float64)
