@@ -1,10 +1,11 @@
-"""Behaviour shared by the adapters that load diffusers folders (SD3, FLUX, SDXL, SANA)."""
+"""Behaviour shared by the adapters that load diffusers folders (SD3, FLUX.1/2, SDXL, SANA, Qwen-Image, Z-Image)."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from . import loading
 from .base import Conditioning, ModelAdapter, SenseflowError
 
 
@@ -48,6 +49,36 @@ class DiffusersFolderAdapter(ModelAdapter):
         if len(cond) != 1:
             raise SenseflowError(f"the unconditional embedding must have batch size 1, got {len(cond)}")
         self._uncond = cond.detach().to(self.device)
+
+
+class ScaledShiftedVAE:
+    """``AutoencoderKL`` latents as the FLUX-style pipelines scale them: ``(z - shift_factor) * scaling_factor``.
+
+    For adapters (FLUX.1, Z-Image) whose ``vae_config`` holds the VAE's config even when no VAE is loaded.
+    """
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    def _vae_factors(self) -> tuple[float, float]:
+        shift = self.vae_config.get("shift_factor")
+        return float(self.vae_config["scaling_factor"]), 0.0 if shift is None else float(shift)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in ``[-1, 1]`` (``vae.decode(z / scaling + shift)``); gradients flow."""
+        vae = self._require_vae()
+        scaling, shift = self._vae_factors()
+        z = latents.to(loading.module_dtype(vae)) / scaling + shift
+        return vae.decode(z, return_dict=False)[0].to(latents.dtype)
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+        """Images in ``[-1, 1]`` -> latents ``(z - shift) * scaling`` (``sample=False``: the posterior mode)."""
+        vae = self._require_vae()
+        scaling, shift = self._vae_factors()
+        dist = vae.encode(images.to(loading.module_dtype(vae))).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return ((z - shift) * scaling).to(images.dtype)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time, flux_mu
 from . import loading, registry
 from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
-from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
+from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, flow_export_scheduler, flow_step_kwargs,
+                     max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 CLIP_CLASS = "CLIPTextModel"
@@ -224,7 +225,7 @@ def schedule_from_config(sched: Mapping[str, Any], image_seq_len: int, *, mu: fl
                                     args["base_shift"], args["max_shift"]))
 
 
-class FluxAdapter(DiffusersFolderAdapter):
+class FluxAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
     """FLUX.1 family adapter (see module docstring)."""
 
     guidance_kinds = frozenset({"embedded"})
@@ -441,29 +442,6 @@ class FluxAdapter(DiffusersFolderAdapter):
         self.clip_encoder = self.t5_encoder = None
 
     # -- latents -------------------------------------------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
-
-    def _vae_factors(self) -> tuple[float, float]:
-        shift = self.vae_config.get("shift_factor")
-        return float(self.vae_config["scaling_factor"]), 0.0 if shift is None else float(shift)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in ``[-1, 1]`` (``vae.decode(z / scaling + shift)``); gradients flow."""
-        vae = self._require_vae()
-        scaling, shift = self._vae_factors()
-        z = latents.to(loading.module_dtype(vae)) / scaling + shift
-        return vae.decode(z, return_dict=False)[0].to(latents.dtype)
-
-    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
-        """Images in ``[-1, 1]`` -> latents ``(z - shift) * scaling`` (``sample=False``: the posterior mode)."""
-        vae = self._require_vae()
-        scaling, shift = self._vae_factors()
-        dist = vae.encode(images.to(loading.module_dtype(vae))).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return ((z - shift) * scaling).to(images.dtype)
-
     # -- structure -----------------------------------------------------------------------------
     def block_names(self, backbone: nn.Module) -> list[str]:
         names: list[str] = []

@@ -53,7 +53,8 @@ from torch import Tensor, nn
 from ..schedules import RectifiedFlow, as_time, expand_like, flux_mu
 from . import loading, registry
 from .base import NO_GUIDANCE, Conditioning, FeatureTap, Guidance, SenseflowError
-from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
+from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, flow_export_scheduler, flow_step_kwargs,
+                     max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "ZImageTransformer2DModel"
 #: model_index.json names Qwen3Model; the released text_encoder/config.json says Qwen3ForCausalLM
@@ -167,7 +168,7 @@ def chat_prompt(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True, enable_thinking=True)
 
 
-class ZImageAdapter(DiffusersFolderAdapter):
+class ZImageAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
     """Z-Image family adapter (see module docstring)."""
 
     guidance_kinds = frozenset({"cfg"})
@@ -383,29 +384,6 @@ class ZImageAdapter(DiffusersFolderAdapter):
         self.text_encoder = None
 
     # -- latents -------------------------------------------------------------------------------
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
-
-    def _vae_factors(self) -> tuple[float, float]:
-        shift = self.vae_config.get("shift_factor")
-        return float(self.vae_config["scaling_factor"]), 0.0 if shift is None else float(shift)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in ``[-1, 1]`` (``vae.decode(z / scaling + shift)``); gradients flow."""
-        vae = self._require_vae()
-        scaling, shift = self._vae_factors()
-        z = latents.to(loading.module_dtype(vae)) / scaling + shift
-        return vae.decode(z, return_dict=False)[0].to(latents.dtype)
-
-    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
-        """Images in ``[-1, 1]`` -> latents ``(z - shift) * scaling`` (``sample=False``: the posterior mode)."""
-        vae = self._require_vae()
-        scaling, shift = self._vae_factors()
-        dist = vae.encode(images.to(loading.module_dtype(vae))).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return ((z - shift) * scaling).to(images.dtype)
-
     # -- structure -----------------------------------------------------------------------------
     def block_names(self, backbone: nn.Module) -> list[str]:
         """The refiner blocks (image ``noise_refiner``, caption ``context_refiner``), then the main ``layers``."""
