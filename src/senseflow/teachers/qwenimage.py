@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..schedules import RectifiedFlow, as_time, expand_like, flux_mu
 from . import loading, registry
+from .flux import pack_latents, unpack_latents  # noqa: F401  (QwenImagePipeline packs 2x2 as FluxPipeline)
 from .base import NO_GUIDANCE, Conditioning, FeatureTap, Guidance, SenseflowError, middle_block_tap
 from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
@@ -79,18 +80,7 @@ class TextEncoder:
 # -------------------------------------------------------------------------------------------------
 # packing (QwenImagePipeline._pack_latents / _unpack_latents, frame axis squeezed)
 # -------------------------------------------------------------------------------------------------
-def pack_latents(x: Tensor) -> Tensor:
-    """``[B, C, H, W]`` -> ``[B, (H/2)(W/2), 4C]`` as ``QwenImagePipeline._pack_latents``."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: Tensor, height: int, width: int) -> Tensor:
-    """``[B, (H/2)(W/2), 4C]`` -> ``[B, C, H, W]`` (``height``/``width`` in latent pixels; the pipeline adds a frame axis)."""
-    b, _, ch = x.shape
-    x = x.reshape(b, height // 2, width // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, ch // 4, height, width)
+# QwenImagePipeline._pack_latents / _unpack_latents are FluxPipeline's line for line: imported from flux.py
 
 
 def text_width(text: Mapping[str, Any]) -> int:
