@@ -37,6 +37,7 @@ the head or the fake score), and checkpoints / resumes it inside ``fake_score.sa
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -81,6 +82,17 @@ class GANHeadConfig(StrictModel):
     width: int | None = Field(None, ge=1, description="channels of the head's convs (None = the feature width, "
                                                       "capped at 1280; released SDXL: 1280)")
     seed: int = Field(0, description="initialisation seed of the head (equal on every rank)")
+    depths: list[float] | None = Field(
+        None, description="read several blocks, one head each, at these fractions of the adapter's tappable blocks "
+                          "(block floor(d * n), clipped to n - 1, repeats dropped; e.g. [0.5, 0.75, 0.99] as NVIDIA "
+                          "FastGen's feature_indices); None = the single layer")
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not 0.0 < d <= 1.0 for d in v)):
+            raise ValueError(f"depths must be a non-empty list of fractions in (0, 1], got {v}")
+        return v
 
     @field_validator("feature_size")
     @classmethod
@@ -198,6 +210,34 @@ def resolve_tap(denoiser: Denoiser, cfg: GANHeadConfig) -> FeatureTap:
     return tap
 
 
+def depth_blocks(blocks: list[str], depths: list[float]) -> list[str]:
+    """``blocks[min(floor(d * n), n - 1)]`` for each depth, repeats dropped, in the order given.
+
+    ``floor(0.5 * n)`` is :func:`~senseflow.teachers.base.middle_block_tap`'s default block, so
+    ``depths: [0.5]`` reads what ``layer: null`` reads on a DiT."""
+    if not blocks:
+        raise SenseflowError("method.gan_head.depths: the backbone names no blocks to read features from")
+    n, names = len(blocks), []
+    for d in depths:
+        name = blocks[min(int(math.floor(d * n)), n - 1)]
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def resolve_taps(denoiser: Denoiser, cfg: GANHeadConfig) -> list[FeatureTap]:
+    """One tap per depth (``method.gan_head.depths``), each through the adapter's ``feature_tap`` at that block
+    (or ``feature_*`` when given); a one-line error when the family names no tap."""
+    if cfg.layer is not None:
+        raise SenseflowError("method.gan_head: give layer or depths, not both (depths picks the layers)")
+    blocks = depth_blocks(denoiser.adapter.feature_blocks(denoiser.backbone), cfg.depths)
+    if cfg.feature_channels is None and cfg.feature_size is None:
+        if denoiser.adapter.feature_tap(denoiser.backbone, None) is None:
+            raise SenseflowError(f"method.gan_head.depths: {type(denoiser.adapter).__name__} names no block features "
+                                 f"to tap; give method.gan_head.layer, feature_channels and feature_size instead")
+    return [resolve_tap(denoiser, cfg.model_copy(update={"layer": name, "depths": None})) for name in blocks]
+
+
 class GANHead(nn.Module):
     """The classifier head plus where it reads: ``logits(fake_score, x_t, t, cond)`` -> ``[B]``."""
 
@@ -233,11 +273,52 @@ class GANHead(nn.Module):
         return self.logits(fake_score, x_t, t, cond, guidance)
 
 
+class MultiGANHead(nn.Module):
+    """Several :class:`GANHead` s on blocks at different depths, read in ONE fake-score forward.
+
+    ``logits`` concatenates the heads' ``[B]`` logits to ``[K * B]`` (head-major), so the released
+    softplus losses, means over that vector, are the MEAN of the K per-head losses (equal B per
+    head) -- how NVIDIA FastGen combines its ``feature_indices`` heads (docs/deviations.md,
+    "Qwen-Image GAN features")."""
+
+    def __init__(self, taps: list[FeatureTap], width: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(GANHead(tap, width, seed + k) for k, tap in enumerate(taps))
+
+    def per_head_logits(self, fake_score: Denoiser, x_t: Tensor, t: Tensor, cond: Conditioning,
+                        guidance: Guidance | None = None) -> list[Tensor]:
+        n = x_t.shape[0]
+        with contextlib.ExitStack() as stack:
+            calls = [stack.enter_context(record_feature(fake_score.backbone, h.tap)) for h in self.heads]
+            out = fake_score.native(x_t, t, cond, guidance)
+        logits = []
+        for head, got in zip(self.heads, calls):
+            if not got:
+                raise SenseflowError(f"GAN head: {head.tap.name!r} did not run in the fake score's forward")
+            logits.append(head(as_map(got[0][:n], head.tap.size)))
+        logits[-1] = tie_unused_output(logits[-1], out, fake_score.backbone)
+        return logits
+
+    def logits(self, fake_score: Denoiser, x_t: Tensor, t: Tensor, cond: Conditioning,
+               guidance: Guidance | None = None) -> Tensor:
+        """``[K * B]``: every head's logits of the same forward, head after head."""
+        return torch.cat(self.per_head_logits(fake_score, x_t, t, cond, guidance))
+
+    def noisy_logits(self, fake_score: Denoiser, x0: Tensor, cond: Conditioning, time: "TimeSampler",
+                     rng: "RandomStreams", guidance: Guidance | None = None) -> Tensor:
+        """As :meth:`GANHead.noisy_logits`: one fresh noise and time per sample, shared by the heads."""
+        schedule = fake_score.schedule
+        t = time.sample(x0.shape[0], schedule, rng.local, rng.device).to(x0.device)
+        x_t = schedule.add_noise(x0, rng.randn_like(x0), t)
+        return self.logits(fake_score, x_t, t, cond, guidance)
+
+
 def gan_head_of(fake_score: Denoiser | None) -> GANHead | None:
     return getattr(fake_score, HEAD_ATTRIBUTE, None) if fake_score is not None else None
 
 
-def attach_gan_head(fake_score: Denoiser, cfg: GANHeadConfig, device: torch.device | str | None = None) -> GANHead:
+def attach_gan_head(fake_score: Denoiser, cfg: GANHeadConfig,
+                    device: torch.device | str | None = None) -> GANHead | MultiGANHead:
     """Build the (fp32) head for ``fake_score`` and register it as its submodule ``gan_head`` (idempotent).
 
     ``device`` defaults to the backbone's (CPU when the backbone waits on the meta device).
@@ -245,11 +326,12 @@ def attach_gan_head(fake_score: Denoiser, cfg: GANHeadConfig, device: torch.devi
     existing = gan_head_of(fake_score)
     if existing is not None:
         return existing
-    tap = resolve_tap(fake_score, cfg)
+    taps = resolve_taps(fake_score, cfg) if cfg.depths is not None else [resolve_tap(fake_score, cfg)]
     if device is None:
         param = next(fake_score.backbone.parameters(), None)
         device = param.device if param is not None and not param.is_meta else "cpu"
-    head = GANHead(tap, cfg.width, cfg.seed).to(device)
+    head = (GANHead(taps[0], cfg.width, cfg.seed) if cfg.depths is None
+            else MultiGANHead(taps, cfg.width, cfg.seed)).to(device)
     fake_score.add_module(HEAD_ATTRIBUTE, head)
     return head
 

@@ -187,6 +187,11 @@ class ModelAdapter(ABC):
         """Qualified name of the final norm before the output projection (SiD2a's pooled features)."""
         return None
 
+    def feature_blocks(self, backbone: nn.Module) -> list[str]:
+        """The blocks, in depth order, that :meth:`feature_tap` can read (``method.gan_head.depths`` picks among
+        them); every block by default, FLUX.2 only its double-stream blocks."""
+        return self.block_names(backbone)
+
     def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
         """The bottleneck features DMD2's GAN classifier head reads (UNet mid-block; DiTs: the middle
         block or ``layer``); ``None`` if the family names none (give ``method.gan_head.feature_*``)."""

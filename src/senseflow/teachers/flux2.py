@@ -528,14 +528,17 @@ class Flux2Adapter(DiffusersFolderAdapter):
     def output_norm_name(self, backbone: nn.Module) -> str | None:
         return loading.find_module_name(backbone, "norm_out")
 
+    def feature_blocks(self, backbone: nn.Module) -> list[str]:
+        """The double-stream blocks: single-stream ones output text and image tokens in one tensor."""
+        return [n for n in self.block_names(backbone) if ".single_transformer_blocks." not in f".{n}"]
+
     def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
         """The image stream of the middle double-stream block (they return ``(text, image)``), or ``layer``.
 
         Single-stream blocks return ONE ``[B, text + image, D]`` tensor, so only double blocks are tapped."""
         cfg = loading.config_of(backbone)
         _, h, w = self.latent_shape()
-        double = [n for n in self.block_names(backbone) if ".single_transformer_blocks." not in f".{n}"]
-        return middle_block_tap(double, layer, int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+        return middle_block_tap(self.feature_blocks(backbone), layer, int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
                                 (h, w), index=1)
 
     def make_student(self, teacher_backbone: nn.Module) -> nn.Module:
