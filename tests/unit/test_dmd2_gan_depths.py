@@ -110,3 +110,45 @@ def test_errors_are_one_line():
         attach_gan_head(models.fake_score, GANHeadConfig(enabled=True, depths=DEPTHS))
     with pytest.raises(SenseflowError, match="layer or depths, not both"):
         attach_gan_head(models.fake_score, GANHeadConfig(enabled=True, depths=DEPTHS, layer="blocks.1", **TAP))
+
+
+# -------------------------------------------------------------------------------------------------
+# the Qwen-Image recipe and FLUX.2's tappable blocks, on tiny folders
+# -------------------------------------------------------------------------------------------------
+def test_qwenimage_recipe_reads_three_depths(tmp_path):
+    from senseflow.build import build_models
+    from senseflow.config import load_config
+    from tests.helpers.tiny_qwenimage import make_tiny_qwenimage_folder
+
+    folder = make_tiny_qwenimage_folder(tmp_path / "q")
+    folder = getattr(folder, "path", folder)
+    cfg = load_config("configs/qwenimage/dmd2.yaml", [f"paths.teacher={folder}", "teacher.resolution=32"],
+                      check_paths=False)
+    assert cfg.method.gan_head.depths == DEPTHS
+    models = build_models(cfg, torch.device("cpu"))
+    blocks = models.fake_score.adapter.block_names(models.fake_score.backbone)
+    assert blocks == ["transformer_blocks.0", "transformer_blocks.1"]
+    head = models.fake_score.gan_head
+    # 2 blocks: floor(1.0), floor(1.5), floor(1.98) are all block 1 -> one head (60 blocks: 30, 45, 59)
+    assert [h.tap.name for h in head.heads] == ["transformer_blocks.1"]
+    assert all(h.tap.index == 1 for h in head.heads)   # the image stream of (text, image)
+
+
+def test_flux2_depths_pick_among_double_stream_blocks(tmp_path):
+    from tests.helpers import tiny_flux2
+    from senseflow.teachers.flux2 import Flux2Adapter
+
+    folder = tiny_flux2.make_tiny_flux2_dev_folder(tmp_path / "f")
+    adapter, backbone = Flux2Adapter.from_pretrained(getattr(folder, "path", folder), resolution=32)
+    double = [n for n in adapter.block_names(backbone) if n.startswith("transformer_blocks.")]
+    assert adapter.feature_blocks(backbone) == double and len(double) < len(adapter.block_names(backbone))
+    # 2 double + 2 single blocks: depths among the 2 double ones, floor(0.5) = 0, floor(1.98) = 1
+    from senseflow.teachers.base import Denoiser
+
+    fake = Denoiser(backbone, adapter)
+    head = attach_gan_head(fake, GANHeadConfig(enabled=True, depths=[0.25, 0.99]))
+    assert [(h.tap.name, h.tap.index) for h in head.heads] == [("transformer_blocks.0", 1), ("transformer_blocks.1", 1)]
+    x = torch.randn(2, *adapter.latent_shape())
+    t = adapter.schedule.from_unit(torch.tensor([0.7, 0.4], dtype=torch.float64))
+    with torch.no_grad():
+        assert head.logits(fake, x, t, adapter.encode_prompts(["a red cat", "a dog"])).shape == (4,)
