@@ -278,8 +278,10 @@ class MultiGANHead(nn.Module):
 
     ``logits`` concatenates the heads' ``[B]`` logits to ``[K * B]`` (head-major), so the released
     softplus losses, means over that vector, are the MEAN of the K per-head losses (equal B per
-    head) -- how NVIDIA FastGen combines its ``feature_indices`` heads (docs/deviations.md,
-    "Qwen-Image GAN features")."""
+    head).  NVIDIA FastGen does the same: ``Discriminator_ImageDiT.forward``
+    (``fastgen/networks/discriminators.py``) returns ``torch.cat`` of its per-index heads' logits,
+    ``[B, K]``, and ``gan_loss_generator`` / ``gan_loss_discriminator``
+    (``fastgen/methods/common_loss.py``) take ``softplus(...).mean()`` over all of them."""
 
     def __init__(self, taps: list[FeatureTap], width: int | None = None, seed: int = 0) -> None:
         super().__init__()
