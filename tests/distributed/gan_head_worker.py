@@ -20,6 +20,9 @@ from tests.helpers.models import PROMPTS, tiny_models
 
 CONFIG = DMD2Config(ttur=1, gan_head=GANHeadConfig(enabled=True, layer="blocks.1", feature_channels=32,
                                                    feature_size=(8, 8)))
+#: ``dmd2_depths``: one head per block at 50 / 75 / 99 % (blocks.1 and blocks.2 of 3)
+DEPTHS_CONFIG = DMD2Config(ttur=1, gan_head=GANHeadConfig(enabled=True, depths=[0.5, 0.75, 0.99], feature_channels=32,
+                                                          feature_size=(8, 8)))
 #: eps = 1: Adam's first step is ~lr * g (linear in the gradient) instead of ~lr * sign(g), so reduction-order
 #: noise in near-zero gradients cannot flip whole steps and the comparison stays tight
 OPTIM = {"generator": OptimizerConfig(lr=1e-2, eps=1.0), "fake_score": OptimizerConfig(lr=1e-2, eps=1.0)}
@@ -29,8 +32,8 @@ def setup(scenario: str = "dmd2"):
     """Tiny models; for ``dmd2`` with the head attached (as ``build_models`` does: before ``parallelize``)."""
     torch.manual_seed(0)
     models = tiny_models()
-    if scenario == "dmd2":
-        attach_gan_head(models.fake_score, CONFIG.gan_head)
+    if scenario.startswith("dmd2"):
+        attach_gan_head(models.fake_score, _config(scenario).gan_head)
     return models
 
 
@@ -44,7 +47,11 @@ def method_for(models, scenario: str):
         cfg = SiDConfig(adversarial=True, adversarial_freeze_images=0, adversarial_warmup_images=0,
                         teacher_guidance={"cfg": 2.0}, fake_guidance={"cfg": 2.0}, fake_train_guidance={"cfg": 2.0})
         return SiD(models, cfg, images_per_iteration=8)
-    return DMD2(models, CONFIG)
+    return DMD2(models, _config(scenario))
+
+
+def _config(scenario: str) -> DMD2Config:
+    return DEPTHS_CONFIG if scenario == "dmd2_depths" else CONFIG
 
 
 def trainer_for(models, run: Path, rank: int, ctx=None, scenario: str = "dmd2") -> Trainer:

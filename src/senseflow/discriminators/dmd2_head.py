@@ -287,24 +287,22 @@ class MultiGANHead(nn.Module):
         super().__init__()
         self.heads = nn.ModuleList(GANHead(tap, width, seed + k) for k, tap in enumerate(taps))
 
-    def per_head_logits(self, fake_score: Denoiser, x_t: Tensor, t: Tensor, cond: Conditioning,
-                        guidance: Guidance | None = None) -> list[Tensor]:
+    def logits(self, fake_score: Denoiser, x_t: Tensor, t: Tensor, cond: Conditioning,
+               guidance: Guidance | None = None) -> Tensor:
+        """``[K * B]``: every head's logits of the same forward, head after head."""
         n = x_t.shape[0]
         with contextlib.ExitStack() as stack:
             calls = [stack.enter_context(record_feature(fake_score.backbone, h.tap)) for h in self.heads]
             out = fake_score.native(x_t, t, cond, guidance)
-        logits = []
         for head, got in zip(self.heads, calls):
             if not got:
                 raise SenseflowError(f"GAN head: {head.tap.name!r} did not run in the fake score's forward")
-            logits.append(head(as_map(got[0][:n], head.tap.size)))
-        logits[-1] = tie_unused_output(logits[-1], out, fake_score.backbone)
-        return logits
+        maps = [as_map(got[0][:n], head.tap.size) for head, got in zip(self.heads, calls)]
+        return tie_unused_output(self(maps), out, fake_score.backbone)
 
-    def logits(self, fake_score: Denoiser, x_t: Tensor, t: Tensor, cond: Conditioning,
-               guidance: Guidance | None = None) -> Tensor:
-        """``[K * B]``: every head's logits of the same forward, head after head."""
-        return torch.cat(self.per_head_logits(fake_score, x_t, t, cond, guidance))
+    def forward(self, maps: list[Tensor]) -> Tensor:
+        """Per-head feature maps -> concatenated logits; through the root module so FSDP's hooks run."""
+        return torch.cat([head(m) for head, m in zip(self.heads, maps)])
 
     def noisy_logits(self, fake_score: Denoiser, x0: Tensor, cond: Conditioning, time: "TimeSampler",
                      rng: "RandomStreams", guidance: Guidance | None = None) -> Tensor:
