@@ -152,3 +152,28 @@ def test_flux2_depths_pick_among_double_stream_blocks(tmp_path):
     t = adapter.schedule.from_unit(torch.tensor([0.7, 0.4], dtype=torch.float64))
     with torch.no_grad():
         assert head.logits(fake, x, t, adapter.encode_prompts(["a red cat", "a dog"])).shape == (4,)
+
+
+def test_bad_depths_in_a_config_are_one_line():
+    from senseflow.config import validate
+
+    base = {"paths": {"teacher": "builtin:toy", "prompts": "builtin:toy-world-open", "output": "/tmp/x"},
+            "teacher": {"family": "toy", "resolution": 32},
+            "method": {"name": "dmd2", "gan_head": {"enabled": True, "depths": [0.5, 0.0]}}}
+    with pytest.raises(SenseflowError) as err:
+        validate(base)
+    assert "depths" in str(err.value) and "\n" not in str(err.value).strip()
+
+
+def test_heads_are_checkpointed_and_resumed(tmp_path):
+    from senseflow.train.checkpoint import load_checkpoint, save_checkpoint
+
+    models, method = _method()
+    with torch.no_grad():
+        for p in models.fake_score.gan_head.parameters():
+            p.add_(0.25)
+    path = save_checkpoint(tmp_path, 3, method.networks(), {"step": 3})
+    other, method2 = _method()
+    load_checkpoint(path, method2.networks())
+    pairs = list(zip(other.fake_score.gan_head.parameters(), models.fake_score.gan_head.parameters()))
+    assert len(pairs) > 0 and all(torch.equal(a, b) for a, b in pairs)

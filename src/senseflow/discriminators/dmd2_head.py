@@ -313,7 +313,7 @@ class MultiGANHead(nn.Module):
         return self.logits(fake_score, x_t, t, cond, guidance)
 
 
-def gan_head_of(fake_score: Denoiser | None) -> GANHead | None:
+def gan_head_of(fake_score: Denoiser | None) -> "GANHead | MultiGANHead | None":
     return getattr(fake_score, HEAD_ATTRIBUTE, None) if fake_score is not None else None
 
 
