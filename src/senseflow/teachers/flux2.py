@@ -538,8 +538,8 @@ class Flux2Adapter(DiffusersFolderAdapter):
         Single-stream blocks return ONE ``[B, text + image, D]`` tensor, so only double blocks are tapped."""
         cfg = loading.config_of(backbone)
         _, h, w = self.latent_shape()
-        return middle_block_tap(self.feature_blocks(backbone), layer, int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
-                                (h, w), index=1)
+        width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+        return middle_block_tap(self.feature_blocks(backbone), layer, width, (h, w), index=1)
 
     def make_student(self, teacher_backbone: nn.Module) -> nn.Module:
         if self.student_guidance_embed:
