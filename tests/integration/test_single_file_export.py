@@ -446,7 +446,7 @@ def test_real_size_sdxl_kohya_names_are_sd_scripts_and_map_back_to_every_module(
     peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     assert len(names) == 70 * 8 and {k.rsplit(".lora_", 1)[0] for k in peft} == set(names)
 
-@pytest.mark.parametrize("family", ["sdxl", "flux", "qwenimage"])
+@pytest.mark.parametrize("family", ["sdxl", "flux", "qwenimage", "zimage"])
 def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp_path, tiny_flux_converters):
     run = _lora_run(tmp_path, family)
     student = load_student(run)
@@ -465,6 +465,10 @@ def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp
         name = "lora_unet_transformer_blocks_1_attn_to_out_0"
         assert kohya[name + ".alpha"].item() == 8.0 and kohya[name + ".lora_down.weight"].shape[0] == 4
         assert len(kohya) == 3 * 4 * len(student.backbone.transformer_blocks)   # to_q/k/v/out.0, 3 tensors each
+    elif family == "zimage":       # the refiners too, q / k / v unfused
+        for name in ("lora_unet_layers_1_attention_to_k", "lora_unet_noise_refiner_0_attention_to_out_0",
+                     "lora_unet_context_refiner_0_attention_to_q"):
+            assert kohya[name + ".alpha"].item() == 8.0 and kohya[name + ".lora_down.weight"].shape[0] == 4, name
     else:
         name = "lora_unet_double_blocks_0_img_attn_qkv"
         assert kohya[name + ".alpha"].item() == 24.0
@@ -500,7 +504,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     run = make_student_run(tmp_path, "sd3")
     out = tmp_path / "x"
     base = ["export", "--student", str(run), "--out", str(out)]
-    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3", "flux", "sdxl", "qwenimage")   # no SD3 kohya
+    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3", "flux", "sdxl", "qwenimage", "zimage")   # no SD3 kohya
     _fails(capsys, [*base, "--format", "single-file", "--link", "copy"], "--link", "diffusers")
     _fails(capsys, [*base, "--format", "checkpoint"], "whole-model", "sdxl")
     _fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "a.safetensors"), "--format",
