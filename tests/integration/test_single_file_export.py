@@ -446,7 +446,7 @@ def test_real_size_sdxl_kohya_names_are_sd_scripts_and_map_back_to_every_module(
     peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     assert len(names) == 70 * 8 and {k.rsplit(".lora_", 1)[0] for k in peft} == set(names)
 
-@pytest.mark.parametrize("family", ["sdxl", "flux", "qwenimage", "zimage"])
+@pytest.mark.parametrize("family", ["sdxl", "flux", "qwenimage", "zimage", "flux2"])
 def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp_path, tiny_flux_converters):
     run = _lora_run(tmp_path, family)
     student = load_student(run)
@@ -469,6 +469,16 @@ def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp
         for name in ("lora_unet_layers_1_attention_to_k", "lora_unet_noise_refiner_0_attention_to_out_0",
                      "lora_unet_context_refiner_0_attention_to_q"):
             assert kohya[name + ".alpha"].item() == 8.0 and kohya[name + ".lora_down.weight"].shape[0] == 4, name
+    elif family == "flux2":        # BFL names; q / k / v fused into one rank-12 block-sparse adapter, alpha 24
+        cfg = student.backbone.config
+        inner = cfg.num_attention_heads * cfg.attention_head_dim
+        name = "lora_unet_double_blocks_0_img_attn_qkv"
+        assert kohya[name + ".alpha"].item() == 24.0 and kohya[name + ".lora_up.weight"].shape == (3 * inner, 12)
+        up = kohya[name + ".lora_up.weight"]
+        assert torch.count_nonzero(up[:inner, 4:]) == 0 and torch.count_nonzero(up[inner:2 * inner, :4]) == 0
+        assert kohya["lora_unet_single_blocks_0_linear1.alpha"].item() == 8.0
+        assert kohya["lora_unet_single_blocks_0_linear2.alpha"].item() == 8.0
+        assert kohya["lora_unet_double_blocks_0_img_attn_proj.alpha"].item() == 8.0
     else:
         name = "lora_unet_double_blocks_0_img_attn_qkv"
         assert kohya[name + ".alpha"].item() == 24.0
@@ -491,6 +501,28 @@ def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp
         assert (plain - ours).abs().max().item() > 100 * ATOL, (plain - ours).abs().max().item()
 
 
+def test_kohya_refuses_adapters_diffusers_would_read_back_wrong_or_drop():
+    """Qwen-Image / Z-Image: diffusers rebuilds the dots from a list of protected names, so a module outside
+    it (``norm_added_q`` -> ``norm.added.q``) would land elsewhere; FLUX.2: the kohya converter only WARNS on
+    a key it does not know (a modulation), so the adapter would vanish.  All three are one-line errors."""
+    from senseflow.teachers import flux2, qwenimage, zimage
+
+    pair = (torch.ones(2, 8), torch.ones(8, 2), 1.0)
+    cfg = {"num_attention_heads": 2, "attention_head_dim": 4}
+    for to_kohya, module in ((qwenimage.to_kohya, "transformer_blocks.0.attn.norm_added_q"),
+                             (zimage.to_kohya, "layers.0.attention.norm_q"),
+                             (flux2.to_kohya, "double_stream_modulation_img.linear")):
+        with pytest.raises(SenseflowError, match="use --format diffusers") as err:
+            to_kohya({"transformer_blocks.0.attn.to_q" if to_kohya is not zimage.to_kohya
+                      else "layers.0.attention.to_q": pair, module: pair}, cfg)
+        assert module in str(err.value) and "\n" not in str(err.value)
+    # and the accepted names come back through diffusers' converters onto their own modules
+    back = lora_pipeline.QwenImageLoraLoaderMixin.lora_state_dict(
+        qwenimage.to_kohya({"transformer_blocks.3.attn.to_out.0": pair}, cfg))
+    assert set(back) == {"transformer.transformer_blocks.3.attn.to_out.0.lora_A.weight",
+                         "transformer.transformer_blocks.3.attn.to_out.0.lora_B.weight"}
+
+
 def _fails(capsys, argv, *needles) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -504,7 +536,7 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     run = make_student_run(tmp_path, "sd3")
     out = tmp_path / "x"
     base = ["export", "--student", str(run), "--out", str(out)]
-    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3", "flux", "sdxl", "qwenimage", "zimage")   # no SD3 kohya
+    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3", "flux", "sdxl", "qwenimage", "zimage", "flux2")   # no SD3 kohya
     _fails(capsys, [*base, "--format", "single-file", "--link", "copy"], "--link", "diffusers")
     _fails(capsys, [*base, "--format", "checkpoint"], "whole-model", "sdxl")
     _fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "a.safetensors"), "--format",
