@@ -423,6 +423,34 @@ def test_real_size_flux_kohya_lora_splits_back_with_diffusers_unpatched_converte
     # the txt stream's k / v had no adapter: they come back as exact zeros
     assert torch.count_nonzero(back["transformer.transformer_blocks.18.attn.add_k_proj.lora_B.weight"]) == 0
 
+@pytest.mark.parametrize("preset", list(NEW_REAL))
+def test_real_size_new_family_kohya_loras_map_back_to_every_auto_target(preset):
+    """Every module the family's ``target_modules: auto`` adapts at the real size (meta device; 4 x 60 for
+    Qwen-Image, 4 x (30 + 2 + 2) for Z-Image, FLUX.2-dev's 8 double + 48 single blocks, klein-4B's 5 + 20) goes through the
+    pipeline's own ``lora_state_dict`` (diffusers' converters as shipped) back onto itself."""
+    from senseflow.bench.presets import get_preset
+
+    spec = get_preset(preset)
+    desc = registry.get(spec.family)
+    with torch.device("meta"):
+        model = getattr(diffusers, spec.model_class)(**spec.config)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and any(n == t or n.endswith("." + t) for t in desc.lora_targets)]
+    # FLUX.2: to_q/k/v/out.0 per double block, to_qkv_mlp_proj per single block, and the single blocks'
+    # attn.to_out only for blocks 0-23 (flux2.py's auto list names them by index)
+    expected = {"flux2-dev": 8 * 4 + 48 + 24, "flux2-klein-4b": 5 * 4 + 20 + 20, "zimage": 34 * 4,
+                "qwen-image": 60 * 4}[preset]
+    assert len(names) == expected
+    pairs = {n: (torch.zeros(1, model.get_submodule(n).in_features),
+                 torch.zeros(model.get_submodule(n).out_features, 1), 1.0) for n in names}
+    kohya = desc.export.kohya_lora.to_kohya(pairs, dict(model.config))
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    back = getattr(diffusers, desc.pipeline_class).lora_state_dict(dict(kohya))
+    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in back} == set(names)
+    for n in names:
+        assert back[f"transformer.{n}.lora_B.weight"].shape == (model.get_submodule(n).out_features, 1), n
+
+
 def test_real_size_sdxl_kohya_names_are_sd_scripts_and_map_back_to_every_module():
     """SDXL base's 560 attention projections (70 transformer blocks: 2x2 + 2x10 down, 10 mid, 3x2 + 3x10 up;
     8 each): sd-scripts' names, and diffusers' kohya path (sgm block
