@@ -426,8 +426,8 @@ def test_real_size_flux_kohya_lora_splits_back_with_diffusers_unpatched_converte
 @pytest.mark.parametrize("preset", list(NEW_REAL))
 def test_real_size_new_family_kohya_loras_map_back_to_every_auto_target(preset):
     """Every module the family's ``target_modules: auto`` adapts at the real size (meta device; 4 x 60 for
-    Qwen-Image, 4 x (30 + 2 + 2) for Z-Image, FLUX.2-dev's 8 double + 48 single blocks, klein-4B's 5 + 20) goes through the
-    pipeline's own ``lora_state_dict`` (diffusers' converters as shipped) back onto itself."""
+    Qwen-Image, 4 x (30 + 2 + 2) for Z-Image, FLUX.2-dev's 8 double + 48 single blocks, klein-4B's 5 + 20)
+    goes through the pipeline's own ``lora_state_dict`` (diffusers' converters as shipped) back onto itself."""
     from senseflow.bench.presets import get_preset
 
     spec = get_preset(preset)
@@ -564,7 +564,8 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     run = make_student_run(tmp_path, "sd3")
     out = tmp_path / "x"
     base = ["export", "--student", str(run), "--out", str(out)]
-    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3", "flux", "sdxl", "qwenimage", "zimage", "flux2")   # no SD3 kohya
+    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3",      # diffusers reads no SD3 kohya file
+           "flux", "sdxl", "qwenimage", "zimage", "flux2")
     _fails(capsys, [*base, "--format", "single-file", "--link", "copy"], "--link", "diffusers")
     _fails(capsys, [*base, "--format", "checkpoint"], "whole-model", "sdxl")
     _fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "a.safetensors"), "--format",
