@@ -186,3 +186,26 @@ def block_ids(keys: Iterable[str], prefix: str) -> list[int]:
     """The sorted indices ``i`` of keys ``<prefix>.<i>.…``."""
     head = prefix + "."
     return sorted({int(k[len(head):].split(".", 1)[0]) for k in keys if k.startswith(head)})
+
+
+def kohya_same_names(pairs: Mapping[str, LoraPair], convert: Any, what: str) -> dict[str, torch.Tensor]:
+    """kohya tensors for a family whose kohya names are ``lora_unet_`` + its diffusers module path with ``_``
+    (Qwen-Image, Z-Image: musubi-tuner / sd-scripts train on modules named as in diffusers).
+
+    diffusers turns ``_`` back into ``.`` with a per-family list of protected n-grams (``to_q``,
+    ``feed_forward``, ...), so a module name outside that list would come back wrong.  Each name is
+    therefore passed through ``convert`` (that family's diffusers converter) before anything is written,
+    and an adapter that does not land on its own module is a one-line error.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for module, (down, up, scale) in pairs.items():
+        name = kohya_name(module)
+        probe = {name + ".lora_down.weight": torch.zeros(1, 1), name + ".lora_up.weight": torch.zeros(1, 1),
+                 name + ".alpha": torch.tensor(1.0)}
+        back = set(convert(probe))
+        if back != {f"transformer.{module}.lora_A.weight", f"transformer.{module}.lora_B.weight"}:
+            raise SenseflowError(f"{what}: diffusers reads the kohya module {name!r} back as "
+                                 f"{sorted(back)[:1] or 'nothing'}, not the adapter's {module!r} (retrain with "
+                                 f"generator.lora.target_modules = auto or use --format diffusers)")
+        put_kohya(out, name, down, up, scale)
+    return out

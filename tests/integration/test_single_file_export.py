@@ -423,6 +423,34 @@ def test_real_size_flux_kohya_lora_splits_back_with_diffusers_unpatched_converte
     # the txt stream's k / v had no adapter: they come back as exact zeros
     assert torch.count_nonzero(back["transformer.transformer_blocks.18.attn.add_k_proj.lora_B.weight"]) == 0
 
+@pytest.mark.parametrize("preset", list(NEW_REAL))
+def test_real_size_new_family_kohya_loras_map_back_to_every_auto_target(preset):
+    """Every module the family's ``target_modules: auto`` adapts at the real size (meta device; 4 x 60 for
+    Qwen-Image, 4 x (30 + 2 + 2) for Z-Image, FLUX.2-dev's 8 double + 48 single blocks, klein-4B's 5 + 20)
+    goes through the pipeline's own ``lora_state_dict`` (diffusers' converters as shipped) back onto itself."""
+    from senseflow.bench.presets import get_preset
+
+    spec = get_preset(preset)
+    desc = registry.get(spec.family)
+    with torch.device("meta"):
+        model = getattr(diffusers, spec.model_class)(**spec.config)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and any(n == t or n.endswith("." + t) for t in desc.lora_targets)]
+    # FLUX.2: to_q/k/v/out.0 per double block, to_qkv_mlp_proj per single block, and the single blocks'
+    # attn.to_out only for blocks 0-23 (flux2.py's auto list names them by index)
+    expected = {"flux2-dev": 8 * 4 + 48 + 24, "flux2-klein-4b": 5 * 4 + 20 + 20, "zimage": 34 * 4,
+                "qwen-image": 60 * 4}[preset]
+    assert len(names) == expected
+    pairs = {n: (torch.zeros(1, model.get_submodule(n).in_features),
+                 torch.zeros(model.get_submodule(n).out_features, 1), 1.0) for n in names}
+    kohya = desc.export.kohya_lora.to_kohya(pairs, dict(model.config))
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    back = getattr(diffusers, desc.pipeline_class).lora_state_dict(dict(kohya))
+    assert {k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in back} == set(names)
+    for n in names:
+        assert back[f"transformer.{n}.lora_B.weight"].shape == (model.get_submodule(n).out_features, 1), n
+
+
 def test_real_size_sdxl_kohya_names_are_sd_scripts_and_map_back_to_every_module():
     """SDXL base's 560 attention projections (70 transformer blocks: 2x2 + 2x10 down, 10 mid, 3x2 + 3x10 up;
     8 each): sd-scripts' names, and diffusers' kohya path (sgm block
@@ -446,7 +474,7 @@ def test_real_size_sdxl_kohya_names_are_sd_scripts_and_map_back_to_every_module(
     peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
     assert len(names) == 70 * 8 and {k.rsplit(".lora_", 1)[0] for k in peft} == set(names)
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "flux", "qwenimage", "zimage", "flux2"])
 def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp_path, tiny_flux_converters):
     run = _lora_run(tmp_path, family)
     student = load_student(run)
@@ -461,6 +489,24 @@ def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp
         name = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"
         assert kohya[name + ".alpha"].item() == 8.0
         assert kohya[name + ".lora_down.weight"].shape == (4, 16)
+    elif family == "qwenimage":    # musubi-tuner's names: diffusers' module path with "_"
+        name = "lora_unet_transformer_blocks_1_attn_to_out_0"
+        assert kohya[name + ".alpha"].item() == 8.0 and kohya[name + ".lora_down.weight"].shape[0] == 4
+        assert len(kohya) == 3 * 4 * len(student.backbone.transformer_blocks)   # to_q/k/v/out.0, 3 tensors each
+    elif family == "zimage":       # the refiners too, q / k / v unfused
+        for name in ("lora_unet_layers_1_attention_to_k", "lora_unet_noise_refiner_0_attention_to_out_0",
+                     "lora_unet_context_refiner_0_attention_to_q"):
+            assert kohya[name + ".alpha"].item() == 8.0 and kohya[name + ".lora_down.weight"].shape[0] == 4, name
+    elif family == "flux2":        # BFL names; q / k / v fused into one rank-12 block-sparse adapter, alpha 24
+        cfg = student.backbone.config
+        inner = cfg.num_attention_heads * cfg.attention_head_dim
+        name = "lora_unet_double_blocks_0_img_attn_qkv"
+        assert kohya[name + ".alpha"].item() == 24.0 and kohya[name + ".lora_up.weight"].shape == (3 * inner, 12)
+        up = kohya[name + ".lora_up.weight"]
+        assert torch.count_nonzero(up[:inner, 4:]) == 0 and torch.count_nonzero(up[inner:2 * inner, :4]) == 0
+        assert kohya["lora_unet_single_blocks_0_linear1.alpha"].item() == 8.0
+        assert kohya["lora_unet_single_blocks_0_linear2.alpha"].item() == 8.0
+        assert kohya["lora_unet_double_blocks_0_img_attn_proj.alpha"].item() == 8.0
     else:
         name = "lora_unet_double_blocks_0_img_attn_qkv"
         assert kohya[name + ".alpha"].item() == 24.0
@@ -477,10 +523,31 @@ def test_kohya_lora_reloads_with_diffusers_own_loader_and_reproduces(family, tmp
     from_diffusers = _call(pipe, info, [prompt], [seed])
     assert (from_kohya - from_diffusers).abs().max().item() <= 1e-4
     ours = to_unit(render(student, [prompt], [seed]))
-    assert (from_kohya - ours).abs().max().item() <= 1e-4
-    if family == "sdxl":          # the adapters matter far beyond the tolerance
-        plain = _call(DiffusionPipeline.from_pretrained(str(base)), info, [prompt], [seed])
-        assert (plain - ours).abs().max().item() > 100 * ATOL
+    assert (from_kohya - ours).abs().max().item() <= 1e-4, (from_kohya - ours).abs().max().item()
+    plain = _call(DiffusionPipeline.from_pretrained(str(base)), info, [prompt], [seed])   # the adapters matter
+    assert (plain - ours).abs().max().item() > 100 * ATOL, (plain - ours).abs().max().item()
+
+
+def test_kohya_refuses_adapters_diffusers_would_read_back_wrong_or_drop():
+    """Qwen-Image / Z-Image: diffusers rebuilds the dots from a list of protected names, so a module outside
+    it (``norm_added_q`` -> ``norm.added.q``) would land elsewhere; FLUX.2: the kohya converter only WARNS on
+    a key it does not know (a modulation), so the adapter would vanish.  All three are one-line errors."""
+    from senseflow.teachers import flux2, qwenimage, zimage
+
+    pair = (torch.ones(2, 8), torch.ones(8, 2), 1.0)
+    cfg = {"num_attention_heads": 2, "attention_head_dim": 4}
+    for to_kohya, module in ((qwenimage.to_kohya, "transformer_blocks.0.attn.norm_added_q"),
+                             (zimage.to_kohya, "layers.0.attention.norm_q"),
+                             (flux2.to_kohya, "double_stream_modulation_img.linear")):
+        with pytest.raises(SenseflowError, match="use --format diffusers") as err:
+            to_kohya({"transformer_blocks.0.attn.to_q" if to_kohya is not zimage.to_kohya
+                      else "layers.0.attention.to_q": pair, module: pair}, cfg)
+        assert module in str(err.value) and "\n" not in str(err.value)
+    # and the accepted names come back through diffusers' converters onto their own modules
+    back = lora_pipeline.QwenImageLoraLoaderMixin.lora_state_dict(
+        qwenimage.to_kohya({"transformer_blocks.3.attn.to_out.0": pair}, cfg))
+    assert set(back) == {"transformer.transformer_blocks.3.attn.to_out.0.lora_A.weight",
+                         "transformer.transformer_blocks.3.attn.to_out.0.lora_B.weight"}
 
 
 def _fails(capsys, argv, *needles) -> str:
@@ -496,7 +563,8 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     run = make_student_run(tmp_path, "sd3")
     out = tmp_path / "x"
     base = ["export", "--student", str(run), "--out", str(out)]
-    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3", "flux, sdxl")   # diffusers reads no SD3 kohya
+    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3",      # diffusers reads no SD3 kohya file
+           "flux", "sdxl", "qwenimage", "zimage", "flux2")
     _fails(capsys, [*base, "--format", "single-file", "--link", "copy"], "--link", "diffusers")
     _fails(capsys, [*base, "--format", "checkpoint"], "whole-model", "sdxl")
     _fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "a.safetensors"), "--format",

@@ -689,6 +689,62 @@ SINGLE_FILE = registry.SingleFileRecipe(
           "dev, Qwen3 for klein) and the FLUX.2 VAE loaded separately")
 
 
+#: fused BFL module (in a double block) -> its diffusers parts, for the kohya layout
+_KOHYA_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_KOHYA_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+#: the modules outside the blocks that diffusers' kohya FLUX.2 converter files under the transformer
+_KOHYA_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+              "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+              "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer", "proj_out": "final_layer.linear"}
+
+
+def to_kohya(pairs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The adapters in kohya-ss sd-scripts' FLUX.2 layout (``lora_unet_double_blocks_0_img_attn_qkv``,
+    ``lora_unet_single_blocks_0_linear1``, ...), BFL's module names as in the single file.
+
+    q / k / v are one linear in BFL's layout, so their adapters become one block-sparse adapter of the
+    summed rank (:func:`~senseflow.original_layout.fuse_lora`), which diffusers'
+    ``_convert_kohya_flux2_lora_to_diffusers`` (``Flux2Pipeline.load_lora_weights``) splits back exactly.
+    That converter only warns about a key it does not know, so any adapter outside its table (the
+    modulations, the guidance embedder, ``norm_out``) is refused here instead of being silently dropped.
+    """
+    from ..original_layout import fuse_lora, kohya_name, put_kohya
+
+    inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    out: dict[str, Tensor] = {}
+    left = dict(pairs)
+    ids = sorted({int(k.split(".")[1]) for k in pairs if k.startswith("transformer_blocks.")})
+    for i in ids:
+        for fused, parts in _KOHYA_FUSED.items():
+            names = [f"transformer_blocks.{i}.{p}" for p in parts]
+            if any(n in left for n in names):
+                down, up, scale = fuse_lora([left.pop(n, None) for n in names], [inner] * 3, inner,
+                                            f"FLUX.2 kohya export, transformer_blocks.{i}")
+                put_kohya(out, kohya_name(f"double_blocks.{i}.{fused}"), down, up, scale)
+    for name, (down, up, scale) in left.items():
+        head, _, rest = name.partition(".")
+        index, _, sub = rest.partition(".")
+        table = {"transformer_blocks": (_DOUBLE, "double_blocks"),
+                 "single_transformer_blocks": (_KOHYA_SINGLE, "single_blocks")}.get(head)
+        if table is None:
+            original = _KOHYA_TOP.get(name)
+        else:
+            original = f"{table[1]}.{index}.{table[0][sub]}" if sub in table[0] else None
+        if not original:
+            raise SenseflowError(f"FLUX.2 kohya export: no kohya module diffusers reads back for the adapter on "
+                                 f"{name!r} (its kohya FLUX.2 converter covers the blocks' attention / MLP and the "
+                                 f"embedders; retrain with generator.lora.target_modules = auto or use --format "
+                                 f"diffusers)")
+        put_kohya(out, kohya_name(original), down, up, scale)
+    return out
+
+
+KOHYA_LORA = registry.KohyaLoraRecipe(
+    to_kohya, where="ComfyUI: models/loras (LoraLoaderModelOnly) on the student base; diffusers: "
+                    "Flux2Pipeline / Flux2KleinPipeline.load_lora_weights")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="flux2",
     label="FLUX.2 (dev, klein)",
@@ -700,7 +756,8 @@ FAMILY = registry.FamilyDescriptor(
     # the latents in the patchified [C, h, w] layout (the adapter's own), the re-noise in the token layout
     noise=registry.NoiseRecipe("global", renoise=draw_token_renoise),
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE),
+                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE,
+                                 kohya_lora=KOHYA_LORA),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
                                student_config=_bench_student_config, conditioning=_bench_conditioning,
                                method_defaults=BENCH_METHOD_DEFAULTS),

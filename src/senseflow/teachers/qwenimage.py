@@ -506,6 +506,23 @@ SINGLE_FILE = registry.SingleFileRecipe(
           "Qwen-Image VAE loaded separately")
 
 
+def to_kohya(pairs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The adapters in kohya's Qwen-Image layout (musubi-tuner, ComfyUI's ``lora_unet_`` keys):
+    ``lora_unet_transformer_blocks_0_attn_to_q`` -- diffusers' module path with ``_``, since the original
+    checkpoint already uses diffusers' names.  diffusers' ``_convert_non_diffusers_qwen_lora_to_diffusers``
+    (``QwenImagePipeline.load_lora_weights``) reads it back; each name is checked against it first."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
+
+    from ..original_layout import kohya_same_names
+
+    return kohya_same_names(pairs, _convert_non_diffusers_qwen_lora_to_diffusers, "Qwen-Image kohya export")
+
+
+KOHYA_LORA = registry.KohyaLoraRecipe(
+    to_kohya, where="ComfyUI: models/loras (LoraLoaderModelOnly) on the student base; diffusers: "
+                    "QwenImagePipeline.load_lora_weights")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="qwenimage",
     label="Qwen-Image",
@@ -515,7 +532,8 @@ FAMILY = registry.FamilyDescriptor(
     pipeline_prefixes=("QwenImagePipeline",),
     noise=registry.NoiseRecipe("global", renoise=draw_packed_renoise),   # generator=None: global RNG, packed re-noise
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE),
+                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE,
+                                 kohya_lora=KOHYA_LORA),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
                                 conditioning=_bench_conditioning),
     # target_modules: auto = diffusers' examples/dreambooth/train_dreambooth_lora_qwen_image.py default

@@ -544,6 +544,24 @@ SINGLE_FILE = registry.SingleFileRecipe(
           "VAE (ae.safetensors) loaded separately")
 
 
+def to_kohya(pairs: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The adapters in kohya's Z-Image layout with diffusers' module path in ``_``
+    (``lora_unet_layers_0_attention_to_q``, ``lora_unet_noise_refiner_0_attention_to_out_0``): q / k / v stay
+    separate (no fused ``qkv``, which diffusers reads only in the dotted ``.lora.down`` form).  diffusers'
+    ``_convert_non_diffusers_z_image_lora_to_diffusers`` (``ZImagePipeline.load_lora_weights``) reads it
+    back; each name is checked against it first."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
+
+    from ..original_layout import kohya_same_names
+
+    return kohya_same_names(pairs, _convert_non_diffusers_z_image_lora_to_diffusers, "Z-Image kohya export")
+
+
+KOHYA_LORA = registry.KohyaLoraRecipe(
+    to_kohya, where="ComfyUI: models/loras (LoraLoaderModelOnly) on the student base; diffusers: "
+                    "ZImagePipeline.load_lora_weights")
+
+
 FAMILY = registry.FamilyDescriptor(
     name="zimage",
     label="Z-Image",
@@ -553,7 +571,8 @@ FAMILY = registry.FamilyDescriptor(
     pipeline_prefixes=("ZImage",),
     noise=registry.NoiseRecipe("global"),   # float32 latents from randn_tensor (global RNG), re-noise: global RNG
     export=registry.ExportRecipe(scheduler=flow_export_scheduler, step_kwargs=flow_step_kwargs,
-                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE),
+                                 call_kwargs=export_call_kwargs, single_file=SINGLE_FILE,
+                                 kohya_lora=KOHYA_LORA),
     bench=registry.BenchRecipe(_bench_multiple, _bench_tokens, _bench_adapter, _bench_inputs,
                                 conditioning=_bench_conditioning),
     # target_modules: auto = diffusers' examples/dreambooth/train_dreambooth_lora_z_image.py default
