@@ -63,3 +63,13 @@ def test_a_value_the_schedule_rounds_onto_the_anchor_is_refused_at_build_time():
     # ... and one that rounds onto clean data (index -1)
     with pytest.raises(SenseflowError, match="clean data"):
         native_first_input_time(_config({"anchors": [1.0], "first_input_time": 0.0004}), DDPM.scaled_linear())
+
+
+def test_the_gmm_runner_takes_the_same_field():
+    from senseflow.toy.gmm.run import RunSpec, generator_config
+
+    assert generator_config(RunSpec(steps=1, generator_input_time=0.3)).first_input_time == 0.3
+    assert generator_config(RunSpec(steps=4)).first_input_time is None
+    with pytest.raises(SenseflowError) as err:
+        generator_config(RunSpec(steps=1, generator_input_time=1.0))   # the anchor itself: omit the option
+    assert "\n" not in str(err.value) and "first_input_time" in str(err.value)
