@@ -70,6 +70,7 @@ def test_generate_runs_and_export_is_refused_in_one_line(trained, capsys):
     assert main(["generate", "--student", str(root / "run"), "--prompts", str(prompts), "--out", str(out),
                  "--num-prompts", "1", "--device", "cpu", "--no-progress"]) == 0
     assert (out / "00000.png").is_file()
+    assert json.loads((out / "00000.json").read_text())["first_input_time"] == pytest.approx(T_NATIVE, abs=1e-12)
     capsys.readouterr()
     for fmt in ("diffusers", "single-file"):
         export = root / f"export_{fmt}"
