@@ -79,3 +79,22 @@ def test_generate_runs_and_export_is_refused_in_one_line(trained, capsys):
         assert err.startswith("senseflow: error:") and "\n" not in err, err
         assert "generator.first_input_time" in err and "0.75" in err, err
         assert not export.exists()
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.5, "0.5"])
+def test_a_bad_input_time_in_student_json_is_one_line(trained, tmp_path, capsys, bad):
+    """At or above the first anchor, at or below clean data (flows: 0), or not a number: refused, nothing written."""
+    import shutil
+
+    root, prompts = trained
+    folder = tmp_path / "student"
+    shutil.copytree(root / "run" / "student", folder)
+    meta = json.loads((folder / "student.json").read_text())
+    meta.update(first_input_time=bad, teacher=str(root / "teacher"))
+    (folder / "student.json").write_text(json.dumps(meta))
+    out = tmp_path / "images"
+    assert main(["generate", "--student", str(folder), "--prompts", str(prompts), "--out", str(out),
+                 "--num-prompts", "1", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("senseflow: error:") and "\n" not in err and "first_input_time" in err, err
+    assert not out.exists()

@@ -73,3 +73,14 @@ def test_the_gmm_runner_takes_the_same_field():
     with pytest.raises(SenseflowError) as err:
         generator_config(RunSpec(steps=1, generator_input_time=1.0))   # the anchor itself: omit the option
     assert "\n" not in str(err.value) and "first_input_time" in str(err.value)
+
+
+def test_a_run_does_not_resume_under_another_input_time(tmp_path):
+    from senseflow.train.rundir import check_resumable
+
+    ckpt = tmp_path / "step_10"
+    with pytest.raises(SenseflowError) as err:
+        check_resumable({"generator": {"first_input_time": None}}, {"generator": {"first_input_time": 0.5}}, ckpt)
+    assert "generator.first_input_time" in str(err.value) and "\n" not in str(err.value)
+    check_resumable({"generator": {"first_input_time": 0.5}}, {"generator": {"first_input_time": 0.5}}, ckpt)
+    check_resumable({"generator": {}}, {"generator": {"first_input_time": None}}, ckpt)   # a config from before
