@@ -14,6 +14,7 @@ from .generator import FewStepGenerator
 from .methods import DistillationModels, Method, build_method
 from .methods.base import Batch
 from .rng import RandomStreams, derive_seed
+from .schedules import NoiseSchedule
 from .teachers.base import Denoiser, ModelAdapter, SenseflowError, freeze
 from .train.trainer import SampleSpec
 
@@ -83,6 +84,23 @@ def load_teacher(config: Config, device: torch.device, meta: bool = False) -> tu
     return adapter, backbone
 
 
+def native_first_input_time(config: Config, schedule: NoiseSchedule) -> float | None:
+    """``generator.first_input_time`` (unit time) as native time, through the map the anchors take.
+
+    The config checks ``0 < T < anchors[0]`` in unit time; a schedule that rounds (DDPM's integer
+    index) can still land on the first anchor or on clean data, which is refused here."""
+    unit = config.generator.first_input_time
+    if unit is None:
+        return None
+    native = config.method.native_anchors(schedule, [config.generator.anchors[0], unit])
+    first, t = float(native[0]), float(native[1])
+    if not schedule.t_clean < t < first:
+        raise SenseflowError(f"generator.first_input_time {unit:g} maps to native time {t:g} on this teacher's "
+                             f"schedule, not strictly between clean data ({schedule.t_clean:g}) and the first anchor "
+                             f"({first:g}): choose a value further from both")
+    return t
+
+
 def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool = False,
                  sharded: bool | None = None) -> DistillationModels:
     """``meta``: teacher, student and fake score without weights (see :func:`load_teacher`); they are
@@ -101,7 +119,8 @@ def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool
     student = lora_network(adapter.make_student, backbone, config.generator.lora,
                            wants_shared_base(config.generator.lora, "generator", sharded))
     generator = FewStepGenerator(Denoiser(student, adapter),
-                                 config.method.native_anchors(adapter.schedule, config.generator.anchors))
+                                 config.method.native_anchors(adapter.schedule, config.generator.anchors),
+                                 first_input_time=native_first_input_time(config, adapter.schedule))
     fake = Denoiser(lora_network(adapter.make_fake_score, backbone, config.fake_score.lora,
                                  wants_shared_base(config.fake_score.lora, "fake_score", sharded)), adapter)
     gan_head = getattr(config.method, "gan_head", None)

@@ -120,6 +120,20 @@ class GeneratorConfig(StrictModel):
     ema: EMAConfig | None = Field(None, description="keep an fp32 EMA of the generator (served by sample grids, "
                                   "evaluation, student/, generate and export): {decay | halflife_kimg, "
                                   "rampup_ratio, start_step, weights}; docs/config.md#generatorema")
+    first_input_time: float | None = Field(
+        None, description="unit time (like anchors, mapped through the same shift) at which G's backbone is "
+                          "queried for the pure-noise first anchor, the noise scaled as that time's noise term "
+                          "(SiD's G(sigma_init z, sigma_init)); None: the anchor itself (SenseFlow/DMD2). "
+                          "0 < T < anchors[0]; saved in student.json; such a student cannot be exported to a "
+                          "stock pipeline (docs/deviations.md)")
+
+    @model_validator(mode="after")
+    def _first_input_time(self) -> "GeneratorConfig":
+        t = self.first_input_time
+        if t is not None and not 0.0 < t < self.anchors[0]:   # NaN fails too
+            raise ValueError(f"first_input_time must lie in (0, anchors[0] = {self.anchors[0]:g}) (unit time, "
+                             f"below the pure-noise first anchor), got {t}; or omit it")
+        return self
 
     @field_validator("anchors")
     @classmethod

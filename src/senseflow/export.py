@@ -28,6 +28,8 @@ def export_meta(generator: FewStepGenerator, out_dir: str | os.PathLike, meta: d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = {"anchors": generator.anchors, **meta}
+    if generator.first_input_time is not None:   # native time; absent = the first anchor itself
+        info["first_input_time"] = float(generator.first_input_time)
     tmp = out / f".{STUDENT_META}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, out / STUDENT_META)

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .student import LoadedStudent, load_student, read_student, teacher_config
+from .student import LoadedStudent, check_stock_export, load_student, read_student, teacher_config
 from .teachers.base import SenseflowError
 
 EXPORT_META = "senseflow_export.json"
@@ -220,6 +220,7 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
 
     spec = loaded.spec if loaded is not None else read_student(student)
     spec.weights_file(weights)            # the requested weight set exists (one-line error otherwise)
+    check_stock_export(spec)
     if loaded is not None and weights is not None and weights != loaded.weights:
         raise SenseflowError(f"weights={weights!r} but the student passed as `loaded` holds its {loaded.weights} weights")
     from .teachers import registry

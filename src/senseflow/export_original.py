@@ -114,10 +114,11 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 
 
 def _load(student, teacher, weights, loaded):
-    from .student import read_student
+    from .student import check_stock_export, read_student
 
     spec = loaded.spec if loaded is not None else read_student(student)
     spec.weights_file(weights)
+    check_stock_export(spec)
     if loaded is not None and weights is not None and weights != loaded.weights:
         raise SenseflowError(f"weights={weights!r} but the student passed as `loaded` holds its {loaded.weights} weights")
     return spec

@@ -175,11 +175,14 @@ def _resolve_device(name: str) -> torch.device:
 def _record(spec, index: int, prompt: str, base_seed: int, steps: int, sampler: str) -> dict[str, Any]:
     seed = image_seed(base_seed, index)
     recipe = noise_recipe(spec.family)
-    return {"index": index, "prompt": prompt, "seed": seed, "base_seed": int(base_seed), "steps": steps,
-            "sampler": sampler, "anchors": spec.anchors[:steps], "family": spec.family,
-            "resolution": spec.resolution, "noise": "torch.manual_seed(seed)" if recipe.stream == "global"
-            else "generator=torch.Generator('cpu').manual_seed(seed)",
-            "student": str(spec.folder.resolve())}
+    record = {"index": index, "prompt": prompt, "seed": seed, "base_seed": int(base_seed), "steps": steps,
+              "sampler": sampler, "anchors": spec.anchors[:steps], "family": spec.family,
+              "resolution": spec.resolution, "noise": "torch.manual_seed(seed)" if recipe.stream == "global"
+              else "generator=torch.Generator('cpu').manual_seed(seed)",
+              "student": str(spec.folder.resolve())}
+    if spec.first_input_time is not None:   # only then: older records stay as they were
+        record["first_input_time"] = spec.first_input_time
+    return record
 
 
 def _with_format(record: dict[str, Any], fmt: str) -> dict[str, Any]:

@@ -52,6 +52,9 @@ class FewStepGenerator(nn.Module):
         if len(a) > 1 and not bool((a[1:] < a[:-1]).all()):
             raise ValueError(f"anchors must be strictly decreasing, got {a.tolist()}")
         self.anchors: list[float] = a.tolist()
+        if first_input_time is not None and not self.schedule.t_clean < first_input_time < self.anchors[0]:
+            raise ValueError(f"first_input_time must lie between clean data ({self.schedule.t_clean:g}) and the "
+                             f"first anchor ({self.anchors[0]:g}) in native time, got {first_input_time}")
 
     @property
     def schedule(self) -> NoiseSchedule:

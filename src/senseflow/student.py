@@ -65,6 +65,13 @@ class StudentSpec:
         return [float(a) for a in self.meta["anchors"]]
 
     @property
+    def first_input_time(self) -> float | None:
+        """NATIVE time G's backbone is queried at for the pure-noise first anchor (``generator.first_input_time``);
+        None: the first anchor itself."""
+        value = self.meta.get("first_input_time")
+        return None if value is None else float(value)
+
+    @property
     def sampler(self) -> str:
         return str(self.meta.get("sampler", "stochastic"))
 
@@ -135,6 +142,11 @@ def read_student(path: str | os.PathLike) -> StudentSpec:
     anchors = meta["anchors"]
     if not isinstance(anchors, list) or not anchors or not all(isinstance(a, (int, float)) for a in anchors):
         raise SenseflowError(f"{folder / STUDENT_META}: 'anchors' must be a non-empty list of numbers")
+    t_in = meta.get("first_input_time")
+    if t_in is not None and (isinstance(t_in, bool) or not isinstance(t_in, (int, float))
+                             or not float(t_in) < float(anchors[0])):   # NaN fails too
+        raise SenseflowError(f"{folder / STUDENT_META}: 'first_input_time' must be a number below the first anchor, "
+                             f"got {t_in!r}")
     if meta.get("sampler", "stochastic") not in ("stochastic", "euler"):
         raise SenseflowError(f"{folder / STUDENT_META}: unknown sampler {meta.get('sampler')!r}")
     run_config = None
@@ -143,6 +155,15 @@ def read_student(path: str | os.PathLike) -> StudentSpec:
         from .config import load_yaml
         run_config = load_yaml(cfg_path)
     return StudentSpec(folder=folder, meta=meta, run_config=run_config)
+
+
+def check_stock_export(spec: StudentSpec) -> None:
+    """Refuse (one line) exporting a student the stock pipelines cannot run: they feed the noise at the first
+    anchor itself (t = 1 for flows), not at ``generator.first_input_time``."""
+    if spec.first_input_time is not None:
+        raise SenseflowError(f"this student was trained with generator.first_input_time (native "
+                             f"{spec.first_input_time:g}): a stock pipeline feeds the noise at the first anchor "
+                             f"({spec.anchors[0]:g}) and cannot reproduce it; use senseflow generate")
 
 
 def teacher_config(spec: StudentSpec, teacher: str | os.PathLike | None = None):
@@ -254,7 +275,10 @@ def load_student(path: str | os.PathLike, teacher: str | os.PathLike | None = No
     adapter, backbone = load_teacher(config, device)
     student = build_student_backbone(adapter, backbone, state, spec.lora, weights_file)
     del backbone, state
-    generator = FewStepGenerator(Denoiser(student, adapter), spec.anchors)
+    try:
+        generator = FewStepGenerator(Denoiser(student, adapter), spec.anchors, first_input_time=spec.first_input_time)
+    except ValueError as exc:
+        raise SenseflowError(f"{spec.folder / STUDENT_META}: {exc}") from None
     generator.eval()
     return LoadedStudent(spec=spec, generator=generator, adapter=adapter, config=config, device=device,
                          teacher_path=config.paths.teacher, weights=weights or spec.default_weights)

@@ -244,6 +244,7 @@ def test_cli_refuses_bad_generator_input_time(tmp_path, capsys):
     from senseflow.cli import main
 
     out = tmp_path / "gmm"
-    assert main(["toy", "gmm", "--one-step-input-time", "0", "--out", str(out)]) == 2
-    assert "--one-step-input-time must be in (0, 1]" in capsys.readouterr().err
+    for bad in ("0", "1"):   # 1 is the anchor itself (generator.first_input_time < the first anchor): omit the flag
+        assert main(["toy", "gmm", "--one-step-input-time", bad, "--out", str(out)]) == 2
+        assert "--one-step-input-time must be in (0, 1)" in capsys.readouterr().err
     assert not out.exists()

@@ -35,7 +35,8 @@ HISTORY_DIR = "config_history"
 SHAPE_KEYS: tuple[str, ...] = ("teacher.family", "teacher.factory", "teacher.resolution", "teacher.options",
                                "generator.anchors", "generator.lora", "fake_score.lora", "method.name",
                                "discriminator.layers", "discriminator.head_channels",
-                               "discriminator.head_downsamples", "discriminator.cmap_dim", "discriminator.text_dim")
+                               "discriminator.head_downsamples", "discriminator.cmap_dim", "discriminator.text_dim",
+                               "generator.first_input_time")
 
 _MISSING = object()
 #: leaves inside SHAPE_KEYS that build the same networks either way (a checkpoint resumes across them)

@@ -176,8 +176,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-law", choices=TIME_LAWS, default="logit_normal",
                    help="time law of the MLP backbone's fit (teacher.fit_times)")
     p.add_argument("--one-step-input-time", type=float, default=None, metavar="T",
-                   help="1-step students: query G at time T for the pure noise, scaled to T (SiD's sigma_init; "
-                        "docs/deviations.md); default: t = 1, the anchor itself")
+                   help="1-step students: generator.first_input_time T: query G at time T for the pure noise, scaled to T "
+                        "(SiD's sigma_init; docs/deviations.md); default: t = 1, the anchor itself")
     p.add_argument("--ema", type=float, default=None, help="also evaluate an EMA of the generator with this decay")
     p.add_argument("--real-data", action="store_true", help="batches carry true samples")
     p.add_argument("--eval-every", type=int, default=250)
@@ -199,8 +199,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], list[int], d
         raise SenseflowError(f"--eval-samples must be >= 10 per class ({10 * args.classes})")
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         raise SenseflowError("--ema must be in (0, 1)")
-    if args.one_step_input_time is not None and not 0.0 < args.one_step_input_time <= 1.0:
-        raise SenseflowError("--one-step-input-time must be in (0, 1]")
+    if args.one_step_input_time is not None and not 0.0 < args.one_step_input_time < 1.0:
+        raise SenseflowError("--one-step-input-time must be in (0, 1) (below the pure-noise anchor t = 1; omit it "
+                             "for t = 1)")
     overrides = parse_method_overrides(args.overrides)
     unused = [k for k in overrides if not any(k in CONFIGS[m].model_fields for m in methods)]
     if unused:

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
 
-from ...config import OptimizerConfig, TrainConfig
+from ...config import GeneratorConfig, OptimizerConfig, TrainConfig
 from ...generator import FewStepGenerator
 from ...methods import DMD2Config, DistillationModels, SenseFlowConfig, SiDConfig, build_method
 from ...methods.base import Batch
@@ -64,7 +65,7 @@ class RunSpec:
     real_data: bool = False  # batches carry true samples (forward diffusion / discriminators)
     ema_decay: float | None = None
     grad_clip: float | None = 1.0
-    generator_input_time: float | None = None  # FewStepGenerator(first_input_time=...): SiD's sigma_init
+    generator_input_time: float | None = None  # generator.first_input_time (SiD's sigma_init); < the first anchor
     label: str = ""
 
     def method_config(self):
@@ -118,6 +119,15 @@ class EvalSet:
         return evaluate(mixture, samples, self.labels, self.reference)
 
 
+def generator_config(spec: RunSpec) -> GeneratorConfig:
+    """The run's ``generator.*`` section: the library's anchors and ``first_input_time`` (validated as a run config
+    is; the mixture's schedule is unshifted, so unit time is native time)."""
+    try:
+        return GeneratorConfig(anchors=unit_anchors(spec.steps), first_input_time=spec.generator_input_time)
+    except ValidationError as err:
+        raise SenseflowError(f"gmm: {err.errors()[0]['msg']}") from None
+
+
 def build_models(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec) -> DistillationModels:
     """Teacher, generator and fake score through the teacher contract (as ``build.build_models`` does)."""
     if spec.teacher == "exact":
@@ -128,8 +138,11 @@ def build_models(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec) -> D
         raise SenseflowError(f"gmm: teacher must be 'mlp' or 'exact', got {spec.teacher!r}")
     teacher = Denoiser(freeze(teacher_backbone), adapter)
     student = adapter.make_student(teacher_backbone).requires_grad_(True).train()
-    generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, unit_anchors(spec.steps)),
-                                 first_input_time=spec.generator_input_time)
+    gen_cfg = generator_config(spec)
+    t_in = gen_cfg.first_input_time
+    generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, gen_cfg.anchors),
+                                 first_input_time=None if t_in is None else float(unit_to_native(adapter.schedule,
+                                                                                                  [t_in])[0]))
     fake = Denoiser(adapter.make_fake_score(teacher_backbone).requires_grad_(True).train(), adapter)
     return DistillationModels(teacher=teacher, generator=generator, fake_score=fake)
 
