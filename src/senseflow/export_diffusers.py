@@ -206,6 +206,29 @@ def parse_shard_size(size: str | int) -> int:
     return value
 
 
+
+def write_folder_atomically(out: Path, fill) -> Path:
+    """Build the folder beside ``out`` with ``fill(tmp)``, then rename it into place: a crash or an error
+    leaves the old ``out`` (or nothing) and no half-written export."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teacher: str | os.PathLike | None = None,
                      link: str = "hardlink", max_shard_size: str | int = "5GB", dtype: str | None = None,
                      merge_lora: bool = False, overwrite: bool = False, sampler: str | None = None,
@@ -264,11 +287,7 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
     call = pipeline_call(loaded, sampler)
     lora = loaded.has_lora and not merge_lora
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    def fill(tmp: Path) -> None:
         backbone = loaded.backbone
         if not own and (loaded.has_lora or dtype is not None):   # never modify the caller's student
             import copy
@@ -304,14 +323,5 @@ def export_diffusers(student: str | os.PathLike, out: str | os.PathLike, *, teac
                 "weights": loaded.weights}
         (tmp / EXPORT_META).write_text(json.dumps(info, indent=2))
         _write_readme(tmp, info, code)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder_atomically(out, fill)

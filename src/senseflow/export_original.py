@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,23 +80,8 @@ def _out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 def _write_folder(out: Path, fill: Callable[[Path], None]) -> Path:
     """Build the folder beside ``out`` with ``fill(tmp)``, then rename it into place (atomic)."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    from .export_diffusers import write_folder_atomically
+    return write_folder_atomically(out, fill)
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], dtype: str | None) -> None:
