@@ -42,3 +42,5 @@ def main(out: str, cache: str, student: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    from tests.distributed.clean_exit import exit_cleanly
+    exit_cleanly()

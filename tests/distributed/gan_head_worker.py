@@ -77,3 +77,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from tests.distributed.clean_exit import exit_cleanly
+    exit_cleanly()
