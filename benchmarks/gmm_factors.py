@@ -61,19 +61,24 @@ _v("senseflow-1-noida", "senseflow", 1, method_overrides={"ida": False})
 _v("dmd2-1-lr1e-3-it3000", "dmd2", 1, lr_g=1e-3, lr_fake=1e-3, iterations=3000)
 # 1 step: G queried at an earlier time with the noise scaled to it (SiD's sigma_init; FewStepGenerator(first_input_time))
 GAN = {"gan_head": {"enabled": True}}
+GAN10 = {"gan_head": {"enabled": True, "generator_weight": 5e-2, "classifier_weight": 1e-1}}  # 10x the released weights
 for m in ("senseflow", "dmd2", "sid"):
-    for tin in (0.3, 0.4, 0.5, 0.7, 0.85):
+    for tin in (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.85):
         _v(f"{m}-1-tin{tin}", m, 1, generator_input_time=tin)
         _v(f"{m}-1-tin{tin}-lr1e-3", m, 1, generator_input_time=tin, lr_g=1e-3, lr_fake=1e-3)
 for m in ("senseflow", "dmd2"):
     for k in (1, 4):
         # DMD2's GAN head on the fake score, real samples from the mixture (free here)
         _v(f"{m}-{k}-gan", m, k, real_data=True, method_overrides=GAN)
-        _v(f"{m}-{k}-gan10", m, k, real_data=True,
-           method_overrides={"gan_head": {"enabled": True, "generator_weight": 5e-2, "classifier_weight": 1e-1}})
+        _v(f"{m}-{k}-gan10", m, k, real_data=True, method_overrides=GAN10)
     _v(f"{m}-1-gan-lr1e-3", m, 1, real_data=True, lr_g=1e-3, lr_fake=1e-3, method_overrides=GAN)
-    for tin in (0.3, 0.7):
+    for tin in (0.2, 0.3, 0.7):
         _v(f"{m}-1-tin{tin}-gan", m, 1, real_data=True, generator_input_time=tin, method_overrides=GAN)
+        _v(f"{m}-1-tin{tin}-gan10", m, 1, real_data=True, generator_input_time=tin, method_overrides=GAN10)
+    for k in (1, 4):
+        _v(f"{m}-{k}-gan10-ema", m, k, real_data=True, ema_decay=0.99, method_overrides=GAN10)
+        _v(f"{m}-{k}-ttur10-ema", m, k, ema_decay=0.99, method_overrides={"ttur": 10})
+        _v(f"{m}-{k}-b1024-ema", m, k, batch_size=1024, ema_decay=0.99)
 # pushed DMD2 (issue #13: 3x generator lr, TTUR 1), with and without IDA at several lambdas
 for lr, tag in ((3e-4, "push3"), (1e-3, "push10")):
     _v(f"dmd2-4-{tag}", "dmd2", 4, lr_g=lr, method_overrides={"ttur": 1})

@@ -2,11 +2,57 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import Tensor, nn
 
+from ..schedules import RectifiedFlow, flux_mu
 from . import loading
 from .base import Conditioning, ModelAdapter, SenseflowError
+
+#: diffusers' FlowMatchEulerDiscreteScheduler defaults for the resolution-dependent (dynamic) shift,
+#: which the FLUX.1 and Qwen-Image pipelines feed to ``calculate_shift``
+DYNAMIC_SHIFT_DEFAULTS: dict[str, float] = {"base_image_seq_len": 256, "max_image_seq_len": 4096,
+                                            "base_shift": 0.5, "max_shift": 1.15}
+
+
+def calculate_shift_schedule(sched: Mapping[str, Any], image_seq_len: int, *, label: str, where: str,
+                             fix: str) -> RectifiedFlow:
+    """``mu`` from the image's token count on the scheduler's line, as the pipelines' ``calculate_shift``.
+
+    Only diffusers' 'exponential' time shift is the pipelines' formula, so any other is refused
+    (``fix`` says what the user can set instead).
+    """
+    if str(sched.get("time_shift_type", "exponential")) != "exponential":
+        raise SenseflowError(f"{where}/scheduler uses time_shift_type={sched.get('time_shift_type')!r}; {label} uses "
+                             f"'exponential': {fix}")
+    args = {k: float(sched.get(k, v)) for k, v in DYNAMIC_SHIFT_DEFAULTS.items()}
+    if args["max_image_seq_len"] == args["base_image_seq_len"]:
+        raise SenseflowError(f"{where}/scheduler has base_image_seq_len == max_image_seq_len: fix the scheduler "
+                             f"config or {fix}")
+    return RectifiedFlow(mu=flux_mu(image_seq_len, int(args["base_image_seq_len"]), int(args["max_image_seq_len"]),
+                                    args["base_shift"], args["max_shift"]))
+
+
+def exponential_shift_schedule(sched: Mapping[str, Any] | None, image_seq_len: int, *, label: str,
+                               where: str, mu: float | None = None, shift: float | None = None) -> RectifiedFlow:
+    """The FLUX.1 / Qwen-Image teacher's schedule: explicit ``mu`` / ``shift``, else the scheduler config.
+
+    A scheduler with dynamic shifting off (FLUX.1-schnell) gives its static ``shift``; otherwise
+    ``calculate_shift_schedule`` (dynamic shifting is these schedulers' default).
+    """
+    if mu is not None and shift is not None:
+        raise SenseflowError(f"give the {label} adapter either mu= (dynamic shift) or shift= (static shift), not both")
+    if mu is not None:
+        return RectifiedFlow(mu=float(mu))
+    if shift is not None:
+        return RectifiedFlow(shift=float(shift))
+    sched = sched or {}
+    if not bool(sched.get("use_dynamic_shifting", True)):
+        return RectifiedFlow(shift=float(sched.get("shift", 1.0)))
+    return calculate_shift_schedule(sched, image_seq_len, label=label, where=where,
+                                    fix="pass an explicit mu= or shift=")
 
 
 class DiffusersFolderAdapter(ModelAdapter):

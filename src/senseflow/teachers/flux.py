@@ -54,11 +54,11 @@ import torch
 from torch import Tensor, nn
 
 from ..released import ReleasedForms
-from ..schedules import RectifiedFlow, as_time, flux_mu
+from ..schedules import as_time
 from . import loading, registry
 from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
-from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, flow_export_scheduler, flow_step_kwargs,
-                     max_sequence_length_kwarg)
+from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, exponential_shift_schedule, flow_export_scheduler,
+                     flow_step_kwargs, max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 CLIP_CLASS = "CLIPTextModel"
@@ -72,9 +72,6 @@ GUIDANCE_EMBEDDER_PREFIX = "time_text_embed.guidance_embedder."
 DEFAULT_EMBEDDED_GUIDANCE = 3.5
 #: the pipeline refuses longer T5 sequences
 MAX_T5_TOKENS = 512
-#: FluxPipeline's calculate_shift defaults (used when the scheduler config lacks a key)
-SHIFT_DEFAULTS: dict[str, float] = {"base_image_seq_len": 256, "max_image_seq_len": 4096,
-                                    "base_shift": 0.5, "max_shift": 1.15}
 
 
 @dataclass
@@ -202,29 +199,6 @@ def check_dims(transformer: Mapping[str, Any], *, resolution: int, clip: Mapping
                                  f"2x2 packing): pick a resolution divisible by {2 * scale}")
 
 
-def schedule_from_config(sched: Mapping[str, Any], image_seq_len: int, *, mu: float | None = None,
-                         shift: float | None = None, where: str = "the FLUX folder") -> RectifiedFlow:
-    """The teacher's schedule: explicit ``mu`` / ``shift``, else the scheduler config (dynamic -> ``flux_mu``)."""
-    if mu is not None and shift is not None:
-        raise SenseflowError("give the FLUX adapter either mu= (dynamic shift) or shift= (static shift), not both")
-    if mu is not None:
-        return RectifiedFlow(mu=float(mu))
-    if shift is not None:
-        return RectifiedFlow(shift=float(shift))
-    dynamic = bool(sched.get("use_dynamic_shifting", True)) if sched else True
-    if not dynamic:
-        return RectifiedFlow(shift=float(sched.get("shift", 1.0)))
-    if str(sched.get("time_shift_type", "exponential")) != "exponential":
-        raise SenseflowError(f"{where}/scheduler uses time_shift_type={sched.get('time_shift_type')!r}; FLUX uses "
-                             f"'exponential': pass an explicit mu= or shift=")
-    args = {k: float(sched.get(k, v)) for k, v in SHIFT_DEFAULTS.items()}
-    if args["max_image_seq_len"] == args["base_image_seq_len"]:
-        raise SenseflowError(f"{where}/scheduler has base_image_seq_len == max_image_seq_len: fix the scheduler "
-                             f"config or pass an explicit mu=")
-    return RectifiedFlow(mu=flux_mu(image_seq_len, int(args["base_image_seq_len"]), int(args["max_image_seq_len"]),
-                                    args["base_shift"], args["max_shift"]))
-
-
 class FluxAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
     """FLUX.1 family adapter (see module docstring)."""
 
@@ -269,8 +243,8 @@ class FluxAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
                    max_sequence_length=self.max_sequence_length, vae=self.vae_config, where=self.source)
         side = self.latent_shape()[-1]
         self.image_seq_len = (side // 2) ** 2
-        self.schedule = schedule_from_config(scheduler_config or {}, self.image_seq_len, mu=mu, shift=shift,
-                                             where=self.source)
+        self.schedule = exponential_shift_schedule(scheduler_config, self.image_seq_len, label=self.label,
+                                                   where=self.source, mu=mu, shift=shift)
         self.student_guidance_embed = bool(student_guidance_embed)
         self.fake_guidance_embed = bool(fake_guidance_embed)
         self.default_embedded_guidance = None if default_embedded_guidance is None else float(default_embedded_guidance)

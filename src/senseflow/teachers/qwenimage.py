@@ -42,11 +42,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..schedules import RectifiedFlow, as_time, expand_like, flux_mu
+from ..schedules import as_time, expand_like
 from . import loading, registry
 from .flux import pack_latents, unpack_latents  # noqa: F401  (QwenImagePipeline packs 2x2 as FluxPipeline)
 from .base import NO_GUIDANCE, Conditioning, FeatureTap, Guidance, SenseflowError, middle_block_tap
-from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
+from .common import (DiffusersFolderAdapter, exponential_shift_schedule, flow_export_scheduler, flow_step_kwargs,
+                     max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
 TEXT_ENCODER_CLASS = "Qwen2_5_VLForConditionalGeneration"
@@ -61,9 +62,6 @@ TOKENIZER_MAX_LENGTH = 1024
 PIPELINE_MAX_SEQUENCE_LENGTH = 512
 #: the Qwen-Image model card's negative prompt ("using an empty string if you do not have specific concept to remove")
 DEFAULT_NEGATIVE_PROMPT = " "
-#: QwenImagePipeline's calculate_shift defaults (used when the scheduler config lacks a key)
-SHIFT_DEFAULTS: dict[str, float] = {"base_image_seq_len": 256, "max_image_seq_len": 4096,
-                                    "base_shift": 0.5, "max_shift": 1.15}
 #: transformer options of the edit / layered variants, which QwenImagePipeline (text-to-image) cannot drive
 UNSUPPORTED_FLAGS: tuple[str, ...] = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
 
@@ -132,28 +130,6 @@ def check_dims(transformer: Mapping[str, Any], *, resolution: int, text: Mapping
                                  f"2x2 packing): pick a resolution divisible by {mult}")
 
 
-def schedule_from_config(sched: Mapping[str, Any], image_seq_len: int, *, mu: float | None = None,
-                         shift: float | None = None, where: str = "the Qwen-Image folder") -> RectifiedFlow:
-    """Explicit ``mu`` / ``shift``, else the pipeline's ``calculate_shift`` on the scheduler config."""
-    if mu is not None and shift is not None:
-        raise SenseflowError("give the Qwen-Image adapter either mu= (dynamic shift) or shift= (static), not both")
-    if mu is not None:
-        return RectifiedFlow(mu=float(mu))
-    if shift is not None:
-        return RectifiedFlow(shift=float(shift))
-    if sched and not bool(sched.get("use_dynamic_shifting", True)):
-        return RectifiedFlow(shift=float(sched.get("shift", 1.0)))
-    if str((sched or {}).get("time_shift_type", "exponential")) != "exponential":
-        raise SenseflowError(f"{where}/scheduler uses time_shift_type={sched.get('time_shift_type')!r}; Qwen-Image "
-                             f"uses 'exponential': pass an explicit mu= or shift=")
-    args = {k: float((sched or {}).get(k, v)) for k, v in SHIFT_DEFAULTS.items()}
-    if args["max_image_seq_len"] == args["base_image_seq_len"]:
-        raise SenseflowError(f"{where}/scheduler has base_image_seq_len == max_image_seq_len: fix the scheduler "
-                             f"config or pass an explicit mu=")
-    return RectifiedFlow(mu=flux_mu(image_seq_len, int(args["base_image_seq_len"]), int(args["max_image_seq_len"]),
-                                    args["base_shift"], args["max_shift"]))
-
-
 def trim_text(prompt_embeds: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Cut a padded batch back to its longest valid prompt; ``None`` for an all-valid mask (``encode_prompt``)."""
     if mask is None:
@@ -198,8 +174,8 @@ class QwenImageAdapter(DiffusersFolderAdapter):
                    vae=self.vae_config, max_sequence_length=self.max_sequence_length, where=self.source)
         side = self.latent_shape()[-1]
         self.image_seq_len = (side // 2) ** 2
-        self.schedule = schedule_from_config(scheduler_config or {}, self.image_seq_len, mu=mu, shift=shift,
-                                             where=self.source)
+        self.schedule = exponential_shift_schedule(scheduler_config, self.image_seq_len, label=self.label,
+                                                   where=self.source, mu=mu, shift=shift)
         self.negative_prompt = str(negative_prompt)
         self.cfg_renorm = bool(cfg_renorm)
         self._uncond: Conditioning | None = None

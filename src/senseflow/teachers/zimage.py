@@ -50,11 +50,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..schedules import RectifiedFlow, as_time, expand_like, flux_mu
+from ..schedules import RectifiedFlow, as_time, expand_like
 from . import loading, registry
 from .base import NO_GUIDANCE, Conditioning, FeatureTap, Guidance, SenseflowError
-from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, flow_export_scheduler, flow_step_kwargs,
-                     max_sequence_length_kwarg)
+from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, calculate_shift_schedule, flow_export_scheduler,
+                     flow_step_kwargs, max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "ZImageTransformer2DModel"
 #: model_index.json names Qwen3Model; the released text_encoder/config.json says Qwen3ForCausalLM
@@ -64,9 +64,6 @@ VAE_CLASS = "AutoencoderKL"
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 #: the transformer pads every caption / image token sequence to a multiple of this (SEQ_MULTI_OF)
 SEQ_MULTI_OF = 32
-#: calculate_shift's defaults, as the pipeline reads them with scheduler.config.get(key, default)
-SHIFT_DEFAULTS: dict[str, float] = {"base_image_seq_len": 256, "max_image_seq_len": 4096,
-                                    "base_shift": 0.5, "max_shift": 1.15}
 #: scheduler options that reshape the sigmas beyond the shift (the adapter would not reproduce them)
 UNSUPPORTED_SCHEDULER_OPTIONS: tuple[str, ...] = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
                                                   "use_beta_sigmas", "invert_sigmas")
@@ -151,15 +148,7 @@ def schedule_from_config(sched: Mapping[str, Any], image_seq_len: int, *, shift:
                                  f"shift and is not reproduced by the Z-Image adapter: remove it or set teacher.shift")
     if not sched.get("use_dynamic_shifting", False):          # the scheduler class's default
         return RectifiedFlow(shift=float(sched.get("shift", 1.0)))
-    if str(sched.get("time_shift_type", "exponential")) != "exponential":
-        raise SenseflowError(f"{where}/scheduler uses time_shift_type={sched.get('time_shift_type')!r}; the adapter "
-                             f"reproduces 'exponential' only: set teacher.shift for a static shift")
-    args = {k: float(sched.get(k, v)) for k, v in SHIFT_DEFAULTS.items()}
-    if args["max_image_seq_len"] == args["base_image_seq_len"]:
-        raise SenseflowError(f"{where}/scheduler has base_image_seq_len == max_image_seq_len: fix the scheduler "
-                             f"config or set teacher.shift")
-    return RectifiedFlow(mu=flux_mu(image_seq_len, int(args["base_image_seq_len"]), int(args["max_image_seq_len"]),
-                                    args["base_shift"], args["max_shift"]))
+    return calculate_shift_schedule(sched, image_seq_len, label="Z-Image", where=where, fix="set teacher.shift")
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
