@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..schedules import RectifiedFlow, flux_mu
 from . import loading
-from .base import Conditioning, ModelAdapter, SenseflowError
+from .base import Conditioning, FeatureTap, ModelAdapter, SenseflowError, middle_block_tap
 
 #: diffusers' FlowMatchEulerDiscreteScheduler defaults for the resolution-dependent (dynamic) shift,
 #: which the FLUX.1 and Qwen-Image pipelines feed to ``calculate_shift``
@@ -65,6 +65,31 @@ class DiffusersFolderAdapter(ModelAdapter):
     label: str = "diffusers"
     #: the backbone sees latents with this many times the VAE's channels (FLUX packs 2x2 patches: 4)
     packed_channels: int = 1
+    #: the ModuleLists (by their last name) whose blocks make up the backbone, in depth order
+    block_lists: tuple[str, ...] = ("transformer_blocks",)
+
+    def block_names(self, backbone: nn.Module) -> list[str]:
+        """Every block of each of ``block_lists`` (found through compile / DDP wrappers), in order."""
+        names: list[str] = []
+        for leaf in self.block_lists:
+            name = loading.find_module_name(backbone, leaf, (nn.ModuleList,))
+            if name is None:
+                raise SenseflowError(f"{type(backbone).__name__} has no {leaf}: not a {self.label} transformer")
+            names += [f"{name}.{i}" for i in range(len(backbone.get_submodule(name)))]
+        return names
+
+    def output_norm_name(self, backbone: nn.Module) -> str | None:
+        """The diffusers DiTs' final ``norm_out`` (SiD2a's pooled features)."""
+        return loading.find_module_name(backbone, "norm_out")
+
+    def token_grid_tap(self, backbone: nn.Module, blocks: list[str], layer: str | None, patch: int,
+                       index: int) -> FeatureTap:
+        """A DiT block's image tokens for DMD2's GAN head: width heads x head_dim on the latent grid / ``patch``;
+        ``index`` = which output of the block holds them (blocks that return ``(text, image)``: 1)."""
+        cfg = loading.config_of(backbone)
+        _, h, w = self.latent_shape()
+        return middle_block_tap(blocks, layer, int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+                                (h // patch, w // patch), index=index)
 
     def latent_shape(self) -> tuple[int, ...]:
         side = self.resolution // self.vae_scale_factor

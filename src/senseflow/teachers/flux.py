@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from ..released import ReleasedForms
 from ..schedules import as_time
 from . import loading, registry
-from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
+from .base import Conditioning, FeatureTap, SenseflowError
 from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, exponential_shift_schedule, flow_export_scheduler,
                      flow_step_kwargs, max_sequence_length_kwarg)
 
@@ -205,6 +205,7 @@ class FluxAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
     guidance_kinds = frozenset({"embedded"})
     family = "flux"
     label = "FLUX"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     #: released trainer_flux_senseflow.py: omega = (1 - sigma)^2; ISG t_mid an integer in 1000 * sigma (shifted)
     released = ReleasedForms(omega="alpha_sq", isg_form="two_step", isg_grid="native_1000")
     packed_channels = 4  # the transformer sees 2x2-packed latents
@@ -417,28 +418,13 @@ class FluxAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
 
     # -- latents -------------------------------------------------------------------------------
     # -- structure -----------------------------------------------------------------------------
-    def block_names(self, backbone: nn.Module) -> list[str]:
-        names: list[str] = []
-        for leaf in ("transformer_blocks", "single_transformer_blocks"):
-            name = loading.find_module_name(backbone, leaf, (nn.ModuleList,))
-            if name is None:
-                raise SenseflowError(f"{type(backbone).__name__} has no {leaf}: not a FLUX transformer")
-            names += [f"{name}.{i}" for i in range(len(backbone.get_submodule(name)))]
-        return names
-
-    def output_norm_name(self, backbone: nn.Module) -> str | None:
-        return loading.find_module_name(backbone, "norm_out")
-
     def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
         """DMD2's GAN head reads the image stream of the middle double-stream block (or ``layer``).
 
         Both FLUX block kinds return ``(text, image)``; the image tokens are the 2x2-packed latent grid."""
-        cfg = loading.config_of(backbone)
-        _, h, w = self.latent_shape()
         double = [n for n in self.block_names(backbone) if ".single_transformer_blocks." not in f".{n}"]
         blocks = double if layer is None else self.block_names(backbone)
-        return middle_block_tap(blocks, layer, int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
-                                (h // 2, w // 2), index=1)
+        return self.token_grid_tap(backbone, blocks, layer, patch=2, index=1)
 
     def make_student(self, teacher_backbone: nn.Module) -> nn.Module:
         """The generator: a copy WITHOUT the guidance embedding (SenseFlow FLUX), unless ``student_guidance_embed``."""

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time
 from . import loading, registry
-from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
+from .base import Conditioning, FeatureTap, SenseflowError
 from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
 TRANSFORMER_CLASS = "Flux2Transformer2DModel"
@@ -284,6 +284,7 @@ class Flux2Adapter(DiffusersFolderAdapter):
 
     family = "flux2"
     label = "FLUX.2"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
     released = ReleasedForms(omega="alpha_sq", isg_form="two_step", isg_grid="native_1000")  # as FLUX.1's release
 
     def __init__(self, transformer_config: Mapping[str, Any] | nn.Module, *, resolution: int, vae: nn.Module | Mapping,
@@ -516,18 +517,6 @@ class Flux2Adapter(DiffusersFolderAdapter):
         return [] if self.text_encoder is None else [self.text_encoder]
 
     # -- structure -----------------------------------------------------------------------------
-    def block_names(self, backbone: nn.Module) -> list[str]:
-        names: list[str] = []
-        for leaf in ("transformer_blocks", "single_transformer_blocks"):
-            name = loading.find_module_name(backbone, leaf, (nn.ModuleList,))
-            if name is None:
-                raise SenseflowError(f"{type(backbone).__name__} has no {leaf}: not a FLUX.2 transformer")
-            names += [f"{name}.{i}" for i in range(len(backbone.get_submodule(name)))]
-        return names
-
-    def output_norm_name(self, backbone: nn.Module) -> str | None:
-        return loading.find_module_name(backbone, "norm_out")
-
     def feature_blocks(self, backbone: nn.Module) -> list[str]:
         """The double-stream blocks: single-stream ones output text and image tokens in one tensor."""
         return [n for n in self.block_names(backbone) if ".single_transformer_blocks." not in f".{n}"]
@@ -536,10 +525,7 @@ class Flux2Adapter(DiffusersFolderAdapter):
         """The image stream of the middle double-stream block (they return ``(text, image)``), or ``layer``.
 
         Single-stream blocks return ONE ``[B, text + image, D]`` tensor, so only double blocks are tapped."""
-        cfg = loading.config_of(backbone)
-        _, h, w = self.latent_shape()
-        width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-        return middle_block_tap(self.feature_blocks(backbone), layer, width, (h, w), index=1)
+        return self.token_grid_tap(backbone, self.feature_blocks(backbone), layer, patch=1, index=1)
 
     def make_student(self, teacher_backbone: nn.Module) -> nn.Module:
         if self.student_guidance_embed:

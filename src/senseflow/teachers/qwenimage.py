@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..schedules import as_time, expand_like
 from . import loading, registry
 from .flux import pack_latents, unpack_latents  # noqa: F401  (QwenImagePipeline packs 2x2 as FluxPipeline)
-from .base import NO_GUIDANCE, Conditioning, FeatureTap, Guidance, SenseflowError, middle_block_tap
+from .base import NO_GUIDANCE, Conditioning, FeatureTap, Guidance, SenseflowError
 from .common import (DiffusersFolderAdapter, exponential_shift_schedule, flow_export_scheduler, flow_step_kwargs,
                      max_sequence_length_kwarg)
 
@@ -368,22 +368,9 @@ class QwenImageAdapter(DiffusersFolderAdapter):
         return ((z - mean) * inv_std)[:, :, 0].to(images.dtype)
 
     # -- structure -----------------------------------------------------------------------------
-    def block_names(self, backbone: nn.Module) -> list[str]:
-        name = loading.find_module_name(backbone, "transformer_blocks", (nn.ModuleList,))
-        if name is None:
-            raise SenseflowError(f"{type(backbone).__name__} has no transformer_blocks: not a Qwen-Image transformer")
-        return [f"{name}.{i}" for i in range(len(backbone.get_submodule(name)))]
-
-    def output_norm_name(self, backbone: nn.Module) -> str | None:
-        return loading.find_module_name(backbone, "norm_out")
-
     def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
         """DMD2's GAN head reads the image stream of the middle block (or ``layer``); blocks return (text, image)."""
-        cfg = loading.config_of(backbone)
-        _, h, w = self.latent_shape()
-        return middle_block_tap(self.block_names(backbone), layer,
-                                int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]), (h // 2, w // 2),
-                                index=1)
+        return self.token_grid_tap(backbone, self.block_names(backbone), layer, patch=2, index=1)
 
     # -- devices -------------------------------------------------------------------------------
     def text_encoders(self) -> list:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..schedules import NoiseSchedule, RectifiedFlow, TrigFlow, as_time, expand_like, trigflow_to_flow
 from . import loading, registry
-from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
+from .base import Conditioning, FeatureTap, SenseflowError
 from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
 TRANSFORMER_CLASS = "SanaTransformer2DModel"
@@ -395,23 +395,10 @@ class SanaAdapter(DiffusersFolderAdapter):
         return (z * float(self.vae_config["scaling_factor"])).to(images.dtype)
 
     # -- structure -----------------------------------------------------------------------------
-    def block_names(self, backbone: nn.Module) -> list[str]:
-        name = loading.find_module_name(backbone, "transformer_blocks", (nn.ModuleList,))
-        if name is None:
-            raise SenseflowError(f"{type(backbone).__name__} has no transformer_blocks: not a SANA transformer")
-        return [f"{name}.{i}" for i in range(len(backbone.get_submodule(name)))]
-
-    def output_norm_name(self, backbone: nn.Module) -> str | None:
-        return loading.find_module_name(backbone, "norm_out")
-
     def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
         """DMD2's GAN head reads the image tokens of the middle transformer block (or ``layer``)."""
-        cfg = loading.config_of(backbone)
-        _, h, w = self.latent_shape()
-        patch = int(cfg.get("patch_size", 1))
-        return middle_block_tap(self.block_names(backbone), layer,
-                                int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
-                                (h // patch, w // patch), index=0)
+        patch = int(loading.config_of(backbone).get("patch_size", 1))
+        return self.token_grid_tap(backbone, self.block_names(backbone), layer, patch=patch, index=0)
 
     # -- devices -------------------------------------------------------------------------------
     def text_encoders(self) -> list:

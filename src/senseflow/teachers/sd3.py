@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time
 from . import loading, registry
-from .base import Conditioning, FeatureTap, SenseflowError, middle_block_tap
+from .base import Conditioning, FeatureTap, SenseflowError
 from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
 
 TRANSFORMER_CLASS = "SD3Transformer2DModel"
@@ -398,24 +398,10 @@ class SD3Adapter(DiffusersFolderAdapter):
         return ((z - shift) * scaling).to(images.dtype)
 
     # -- structure -----------------------------------------------------------------------------
-    def block_names(self, backbone: nn.Module) -> list[str]:
-        name = loading.find_module_name(backbone, "transformer_blocks", (nn.ModuleList,))
-        if name is None:
-            raise SenseflowError(f"{type(backbone).__name__} has no transformer_blocks: not an SD3 transformer")
-        blocks = backbone.get_submodule(name)
-        return [f"{name}.{i}" for i in range(len(blocks))]
-
-    def output_norm_name(self, backbone: nn.Module) -> str | None:
-        return loading.find_module_name(backbone, "norm_out")
-
     def feature_tap(self, backbone: nn.Module, layer: str | None = None) -> FeatureTap | None:
         """DMD2's GAN head reads the image tokens of the middle transformer block (or ``layer``)."""
-        cfg = loading.config_of(backbone)
-        _, h, w = self.latent_shape()
-        patch = int(cfg.get("patch_size", 2))
-        return middle_block_tap(self.block_names(backbone), layer,
-                                int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
-                                (h // patch, w // patch), index=1)
+        patch = int(loading.config_of(backbone).get("patch_size", 2))
+        return self.token_grid_tap(backbone, self.block_names(backbone), layer, patch=patch, index=1)
 
     # -- devices -------------------------------------------------------------------------------
     def text_encoders(self) -> list:

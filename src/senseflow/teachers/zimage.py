@@ -163,6 +163,8 @@ class ZImageAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
     guidance_kinds = frozenset({"cfg"})
     family = "zimage"
     label = "Z-Image"
+    #: the refiner blocks (image ``noise_refiner``, caption ``context_refiner``), then the main ``layers``
+    block_lists = ("noise_refiner", "context_refiner", "layers")
 
     def __init__(self, transformer_config: Mapping[str, Any] | nn.Module, *, resolution: int,
                  vae: nn.Module | Mapping[str, Any], scheduler_config: Mapping[str, Any] | None = None,
@@ -374,16 +376,6 @@ class ZImageAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
 
     # -- latents -------------------------------------------------------------------------------
     # -- structure -----------------------------------------------------------------------------
-    def block_names(self, backbone: nn.Module) -> list[str]:
-        """The refiner blocks (image ``noise_refiner``, caption ``context_refiner``), then the main ``layers``."""
-        names: list[str] = []
-        for leaf in ("noise_refiner", "context_refiner", "layers"):
-            name = loading.find_module_name(backbone, leaf, (nn.ModuleList,))
-            if name is None:
-                raise SenseflowError(f"{type(backbone).__name__} has no {leaf}: not a Z-Image transformer")
-            names += [f"{name}.{i}" for i in range(len(backbone.get_submodule(name)))]
-        return names
-
     def main_block_names(self, backbone: nn.Module) -> list[str]:
         """The single-stream ``layers`` (image + caption tokens), without the refiners."""
         return [n for n in self.block_names(backbone) if n.rsplit(".", 2)[-2] == "layers"]
