@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tests.helpers.byte_bpe import add_chain_merges
 from tests.helpers.tiny_models import WORDS, write_flow_scheduler, write_model_index
 
 #: FLUX.2-dev's scheduler_config.json (dynamic shifting; the pipeline computes its own mu)
@@ -62,13 +63,7 @@ def _byte_level_vocab(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[
     vocab.setdefault("\u010a", len(vocab))   # Ċ
     merges: list[tuple[str, str]] = []
     for w in words:
-        pieces = ["\u0120"] + list(w)
-        left = pieces[0]
-        for nxt in pieces[1:]:
-            if (left, nxt) not in merges:
-                merges.append((left, nxt))
-            left = left + nxt
-            vocab.setdefault(left, len(vocab))
+        add_chain_merges(["\u0120"] + list(w), vocab, merges)
     return vocab, merges
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .byte_bpe import add_chain_merges, bytes_to_unicode
 from .tiny_models import WORDS, TinyFolder, write_flow_scheduler, write_model_index
 
 #: the special tokens QwenImagePipeline's prompt template uses (plus Qwen's end of text / pad token)
@@ -36,21 +37,6 @@ TINY_LATENTS_MEAN: tuple[float, ...] = (-0.7571, -0.7089, -0.9113, 0.1075)
 TINY_LATENTS_STD: tuple[float, ...] = (2.8184, 1.4541, 2.3275, 2.6558)
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2's byte -> unicode table (``bytes_to_unicode``), in byte order: every byte-level BPE vocab starts here."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
-        list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
-
-
 def make_qwen2_tokenizer(words: Sequence[str] = WORDS, model_max_length: int = 32768):
     """A byte-level BPE ``Qwen2Tokenizer``: all 256 byte symbols, whole-word merges (with and without the
     leading-space symbol ``Ġ``) for ``words`` and the template's words, and the special tokens.
@@ -63,17 +49,13 @@ def make_qwen2_tokenizer(words: Sequence[str] = WORDS, model_max_length: int = 3
     from tokenizers.models import BPE
 
     vocab: dict[str, int] = {}
-    for c in _byte_chars():
-        vocab.setdefault(c, len(vocab))
+    table = bytes_to_unicode()
+    for b in range(256):
+        vocab.setdefault(table[b], len(vocab))
     merges: list[tuple[str, str]] = []
     pieces = [p for w in dict.fromkeys([*TEMPLATE_WORDS, *words]) for p in (w, "\u0120" + w) if len(p) > 1]
-    for piece in pieces:           # left-to-right chains: w0+w1, (w0 w1)+w2, ...
-        left = piece[0]
-        for nxt in piece[1:]:
-            if (left, nxt) not in merges:
-                merges.append((left, nxt))
-            left = left + nxt
-            vocab.setdefault(left, len(vocab))
+    for piece in pieces:
+        add_chain_merges(piece, vocab, merges)
     for _ in range(8):             # chains cut by another word's earlier merge: join the pieces with later merges
         model = BPE(vocab=dict(vocab), merges=list(merges))
         broken = [[t.value for t in model.tokenize(p)] for p in pieces]
@@ -81,12 +63,7 @@ def make_qwen2_tokenizer(words: Sequence[str] = WORDS, model_max_length: int = 3
         if not broken:
             break
         for parts in broken:
-            left = parts[0]
-            for nxt in parts[1:]:
-                if (left, nxt) not in merges:
-                    merges.append((left, nxt))
-                left = left + nxt
-                vocab.setdefault(left, len(vocab))
+            add_chain_merges(parts, vocab, merges)
     for tok in SPECIAL_TOKENS:
         vocab.setdefault(tok, len(vocab))
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tests.helpers.byte_bpe import add_chain_merges, bytes_to_unicode
 from tests.helpers.tiny_models import WORDS, TinyFolder, make_vae, write_flow_scheduler, write_model_index
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -32,20 +33,6 @@ CHAT_TEMPLATE = (
 VAE_SCALING, VAE_SHIFT = 0.3611, 0.1159
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map (what byte-level BPE vocabularies are written in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
-        list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def make_qwen_tokenizer(words: Sequence[str] = WORDS, model_max_length: int = 512):
     """A byte-level BPE ``Qwen2Tokenizer``: every byte, whole-word merges for ``words`` (with and without the
     leading-space marker ``Ġ``), Qwen's special tokens and :data:`CHAT_TEMPLATE`; pads with ``<|endoftext|>``."""
@@ -55,18 +42,13 @@ def make_qwen_tokenizer(words: Sequence[str] = WORDS, model_max_length: int = 51
     vocab: dict[str, int] = {}
     for tok in SPECIAL_TOKENS:
         vocab[tok] = len(vocab)
-    for ch in _bytes_to_unicode().values():
+    for ch in bytes_to_unicode().values():
         vocab.setdefault(ch, len(vocab))
     merges: list[tuple[str, str]] = []
-    space = _bytes_to_unicode()[ord(" ")]
+    space = bytes_to_unicode()[ord(" ")]
     for w in (*words, "user", "assistant"):
         for pieces in (list(w), [space] + list(w)):
-            left = pieces[0]
-            for nxt in pieces[1:]:
-                if (left, nxt) not in merges:
-                    merges.append((left, nxt))
-                left = left + nxt
-                vocab.setdefault(left, len(vocab))
+            add_chain_merges(pieces, vocab, merges)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True) for t in SPECIAL_TOKENS[1:]]})
     tok.chat_template = CHAT_TEMPLATE
