@@ -1,4 +1,4 @@
-"""Pieces of the byte-level BPE vocabularies the tiny Qwen / Mistral tokenizers are built from (no hub here)."""
+"""Pieces of the BPE vocabularies the tiny Qwen / Gemma tokenizers are built from (no hub here)."""
 
 from __future__ import annotations
 

@@ -523,19 +523,15 @@ def make_gemma_tokenizer(model_max_length: int = 2048, words: Sequence[str] = WO
     printable characters plus whole-word merges (``"\u2581red"``) for ``words``; spaces become ``"\u2581"``."""
     from transformers import GemmaTokenizer
 
+    from .byte_bpe import add_chain_merges
+
     vocab: dict[str, int] = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
     for c in string.printable:
         if c not in " \t\r\x0b\x0c":
             vocab.setdefault(c, len(vocab))
     merges: list[tuple[str, str]] = []
     for w in words:
-        pieces = ["\u2581"] + list(w)
-        left = pieces[0]
-        for nxt in pieces[1:]:
-            if (left, nxt) not in merges:
-                merges.append((left, nxt))
-            left = left + nxt
-            vocab.setdefault(left, len(vocab))
+        add_chain_merges(["\u2581"] + list(w), vocab, merges)
     tok = GemmaTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     from tokenizers import processors
 
