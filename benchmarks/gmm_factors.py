@@ -57,6 +57,13 @@ for m in ("senseflow", "dmd2"):
         _v(f"{m}-{k}-cfg2", m, k, method_overrides={"real_guidance": {"cfg": 2.0}})
 _v("senseflow-4-noida", "senseflow", 4, method_overrides={"ida": False})
 _v("senseflow-4-noisg", "senseflow", 4, method_overrides={"isg_weight": 0.0})
+for w in (1.0, 2.0, 4.0):  # ISG is what holds SenseFlow's mode weights: does more of it hold them tighter?
+    for k in (1, 4):
+        _v(f"senseflow-{k}-isg{w:g}", "senseflow", k, method_overrides={"isg_weight": w})
+        _v(f"senseflow-{k}-isg{w:g}-ema", "senseflow", k, ema_decay=0.99, method_overrides={"isg_weight": w})
+for m in ("senseflow", "dmd2", "sid"):
+    for k in (1, 4):
+        _v(f"{m}-{k}-lrg3e-5-ema", m, k, lr_g=3e-5, ema_decay=0.99)  # a slower G against the same fake score
 _v("senseflow-1-noida", "senseflow", 1, method_overrides={"ida": False})
 _v("dmd2-1-lr1e-3-it3000", "dmd2", 1, lr_g=1e-3, lr_fake=1e-3, iterations=3000)
 # 1 step: G queried at an earlier time with the noise scaled to it (SiD's sigma_init; FewStepGenerator(first_input_time))
@@ -79,6 +86,11 @@ for m in ("senseflow", "dmd2"):
         _v(f"{m}-{k}-gan10-ema", m, k, real_data=True, ema_decay=0.99, method_overrides=GAN10)
         _v(f"{m}-{k}-ttur10-ema", m, k, ema_decay=0.99, method_overrides={"ttur": 10})
         _v(f"{m}-{k}-b1024-ema", m, k, batch_size=1024, ema_decay=0.99)
+# DMD (v1)'s regression on teacher ODE pairs next to the DMD loss (toy/gmm/regression.py), 1 step
+for m in ("senseflow", "dmd2"):
+    for w in (0.25, 1.0, 4.0):
+        _v(f"{m}-1-tin0.3-reg{w:g}", m, 1, generator_input_time=0.3, regression_weight=w)
+        _v(f"{m}-1-reg{w:g}", m, 1, regression_weight=w)
 # pushed DMD2 (issue #13: 3x generator lr, TTUR 1), with and without IDA at several lambdas
 for lr, tag in ((3e-4, "push3"), (1e-3, "push10")):
     _v(f"dmd2-4-{tag}", "dmd2", 4, lr_g=lr, method_overrides={"ttur": 1})
@@ -182,7 +194,9 @@ def main() -> None:
         method, steps, changes = VARIANTS[name]
         spec = RunSpec(method=method, steps=steps, seed=seed, **{"iterations": args.iterations, **changes})
         t0 = time.perf_counter()
-        res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every)
+        pairs = Path("runs/gmm") / (f"pairs_D16_C4_M5_s0_w{args.teacher_width}_s{args.teacher_fit_steps}_"
+                                    f"{args.teacher_law}_{spec.teacher}_n{spec.regression_pairs}_e32.safetensors")
+        res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every, pairs_cache=pairs)
         gen = res.pop("generator")
         if seed == seeds[0]:  # the final samples of the first seed, for --scatter
             from safetensors.torch import save_file

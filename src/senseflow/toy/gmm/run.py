@@ -66,6 +66,8 @@ class RunSpec:
     ema_decay: float | None = None
     grad_clip: float | None = 1.0
     generator_input_time: float | None = None  # generator.first_input_time (SiD's sigma_init); < the first anchor
+    regression_weight: float = 0.0  # DMD (v1)'s regression on teacher ODE pairs (toy/gmm/regression.py); 1 step
+    regression_pairs: int = 65536
     label: str = ""
 
     def method_config(self):
@@ -181,11 +183,18 @@ class EMA:
 
 
 def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSet, eval_every: int = 250,
-           progress: bool = False, run_dir: Path | None = None) -> dict[str, Any]:
-    """Train one student; returns ``{"spec", "history": [{"iteration", metrics...}], "final", "final_ema"}``."""
+           progress: bool = False, run_dir: Path | None = None, pairs_cache: Path | None = None) -> dict[str, Any]:
+    """Train one student; returns ``{"spec", "history": [{"iteration", metrics...}], "final", "final_ema"}``.
+
+    ``pairs_cache``: where the teacher ODE pairs of ``spec.regression_weight`` are cached (safetensors)."""
     torch.manual_seed(spec.seed)
     models = build_models(mixture, mlp, spec)
     method = build_method(models, spec.method_config(), images_per_iteration=spec.batch_size)
+    if spec.regression_weight > 0:
+        from .regression import install, load_or_make_pairs
+
+        pairs = load_or_make_pairs(mixture, models.teacher.backbone, spec.regression_pairs, 32, pairs_cache)
+        install(method, pairs, spec.regression_weight, spec.batch_size, derive_seed(spec.seed, "gmm-regression"))
     adapter = models.teacher.adapter
     data = MixtureBatches(mixture, adapter, spec.batch_size, spec.seed, real=spec.real_data)
     train = TrainConfig(steps=spec.iterations, batch_size=spec.batch_size, grad_clip=spec.grad_clip, seed=spec.seed,
