@@ -65,6 +65,8 @@ for m in ("senseflow", "dmd2", "sid"):
     for k in (1, 4):
         _v(f"{m}-{k}-lrg3e-5-ema", m, k, lr_g=3e-5, ema_decay=0.99)  # a slower G against the same fake score
 _v("senseflow-1-noida", "senseflow", 1, method_overrides={"ida": False})
+_v("senseflow-1-tin0.3-noisg", "senseflow", 1, generator_input_time=0.3, method_overrides={"isg_weight": 0.0})
+_v("senseflow-1-tin0.3-noida", "senseflow", 1, generator_input_time=0.3, method_overrides={"ida": False})
 _v("dmd2-1-lr1e-3-it3000", "dmd2", 1, lr_g=1e-3, lr_fake=1e-3, iterations=3000)
 # 1 step: G queried at an earlier time with the noise scaled to it (SiD's sigma_init; FewStepGenerator(first_input_time))
 GAN = {"gan_head": {"enabled": True}}
@@ -86,9 +88,13 @@ for m in ("senseflow", "dmd2"):
         _v(f"{m}-{k}-gan10-ema", m, k, real_data=True, ema_decay=0.99, method_overrides=GAN10)
         _v(f"{m}-{k}-ttur10-ema", m, k, ema_decay=0.99, method_overrides={"ttur": 10})
         _v(f"{m}-{k}-b1024-ema", m, k, batch_size=1024, ema_decay=0.99)
+# 4 steps: the first anchor's prediction is a 1-step sample too (backward simulation trains it): query it earlier
+for m in ("senseflow", "dmd2", "sid"):
+    for tin in (0.3, 0.5, 0.85):
+        _v(f"{m}-4-tin{tin}-ema", m, 4, generator_input_time=tin, ema_decay=0.99)
 # DMD (v1)'s regression on teacher ODE pairs next to the DMD loss (toy/gmm/regression.py), 1 step
 for m in ("senseflow", "dmd2"):
-    for w in (0.25, 1.0, 4.0):
+    for w in (0.25, 1.0, 4.0, 20.0, 100.0):
         _v(f"{m}-1-tin0.3-reg{w:g}", m, 1, generator_input_time=0.3, regression_weight=w)
         _v(f"{m}-1-reg{w:g}", m, 1, regression_weight=w)
 # pushed DMD2 (issue #13: 3x generator lr, TTUR 1), with and without IDA at several lambdas
