@@ -22,26 +22,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from senseflow.sampling import sample_ode
-from senseflow.teachers.base import Denoiser
 from senseflow.toy.gmm.bench import load_or_fit_teacher
 from senseflow.toy.gmm.mixture import GaussianMixture
+from senseflow.toy.gmm.regression import ode_pairs
 from senseflow.toy.gmm.run import EvalSet, RunSpec, build_models, sample_generator
 from senseflow.toy.gmm.teacher import GMMAdapter, class_prompt
-
-
-@torch.no_grad()
-def ode_pairs(mixture: GaussianMixture, mlp, adapter: GMMAdapter, n: int, steps: int, seed: int):
-    """``n`` (noise, label, teacher ODE sample) triples: Euler with ``steps`` uniform steps, no CFG."""
-    g = torch.Generator().manual_seed(seed)
-    labels = mixture.sample_labels(n, g)
-    noise = torch.randn(n, mixture.dim, generator=g)
-    teacher = Denoiser(mlp, adapter)
-    out = []
-    for i in range(0, n, 4096):
-        cond = adapter.encode_prompts([class_prompt(int(c)) for c in labels[i:i + 4096]])
-        out.append(sample_ode(teacher, noise[i:i + 4096], cond, steps, None))
-    return noise, labels, torch.cat(out)
 
 
 def main() -> None:
@@ -63,7 +48,8 @@ def main() -> None:
     t_in = args.input_time if args.input_time > 0 else None
     gen = build_models(mixture, mlp, RunSpec(method="dmd2", steps=1, generator_input_time=t_in)).generator
     t0 = time.perf_counter()
-    noise, labels, target = ode_pairs(mixture, mlp, adapter, args.pairs, args.ode_steps, seed=7)
+    pairs = ode_pairs(mixture, mlp, args.pairs, args.ode_steps, seed=7)
+    noise, labels, target = pairs["noise"], pairs["labels"], pairs["x0"]
     tqdm.write(f"{args.pairs} ODE pairs ({args.ode_steps} Euler steps) in {time.perf_counter() - t0:.0f}s")
     opt = torch.optim.Adam(gen.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(1)
