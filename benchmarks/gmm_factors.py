@@ -126,6 +126,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return out
 
 
+def table_at(rows: list[dict[str, Any]], iteration: int) -> str:
+    """Mean ± std over seeds at ``iteration`` of each run's history (and its EMA history), one row per variant."""
+    keys = ("precision", "coverage", "mode_tv", "recall", "sw2")
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r)
+    out = "| variant | seeds | " + " | ".join(keys) + " |\n|---|---:|" + "---:|" * len(keys) + "\n"
+
+    def cell(vals: list[float]) -> str:
+        return f"{statistics.fmean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
+
+    for name, rs in by.items():
+        for label, hist in (("", "history"), (" (EMA)", "ema_history")):
+            points = [h for r in rs for h in r.get(hist, []) if h["iteration"] == iteration]
+            if points:
+                out += f"| {name}{label} | {len(points)} | " + " | ".join(cell([h[k] for h in points]) for k in keys) \
+                    + " |\n"
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default="senseflow-4,dmd2-4", help="comma-separated variant names (see --list)")
@@ -142,9 +162,16 @@ def main() -> None:
                    help="train nothing: plot the curves (mean over seeds) of the recorded runs in <out>/factors.jsonl")
     p.add_argument("--scatter", default=None, metavar="PNG",
                    help="train nothing: plot the saved final samples in <out>/samples (first seed of each variant)")
+    p.add_argument("--table-at", type=int, default=None, metavar="ITERATION",
+                   help="train nothing: mean ± std over seeds of the recorded runs in <out>/factors.jsonl at this "
+                        "iteration (raw and EMA weights)")
     args = p.parse_args()
     if args.list:
         print("\n".join(VARIANTS))
+        return
+    if args.table_at is not None:
+        recs = [json.loads(line) for line in (Path(args.out) / "factors.jsonl").read_text().splitlines() if line]
+        print(table_at(recs, args.table_at))
         return
     if args.scatter:
         from safetensors.torch import load_file
