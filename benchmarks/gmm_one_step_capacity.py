@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from senseflow.toy.gmm.bench import load_or_fit_teacher
 from senseflow.toy.gmm.mixture import GaussianMixture
-from senseflow.toy.gmm.regression import ode_pairs
+from senseflow.toy.gmm.regression import load_or_make_pairs
 from senseflow.toy.gmm.run import EvalSet, RunSpec, build_models, sample_generator
 from senseflow.toy.gmm.teacher import GMMAdapter, class_prompt
 
@@ -48,7 +48,8 @@ def main() -> None:
     t_in = args.input_time if args.input_time > 0 else None
     gen = build_models(mixture, mlp, RunSpec(method="dmd2", steps=1, generator_input_time=t_in)).generator
     t0 = time.perf_counter()
-    pairs = ode_pairs(mixture, mlp, args.pairs, args.ode_steps, seed=7)
+    cache = Path("runs/gmm") / f"pairs_capacity_w256_s6000_n{args.pairs}_e{args.ode_steps}.safetensors"
+    pairs = load_or_make_pairs(mixture, mlp, args.pairs, args.ode_steps, cache)   # seed 7, cached
     noise, labels, target = pairs["noise"], pairs["labels"], pairs["x0"]
     tqdm.write(f"{args.pairs} ODE pairs ({args.ode_steps} Euler steps) in {time.perf_counter() - t0:.0f}s")
     opt = torch.optim.Adam(gen.parameters(), lr=args.lr)

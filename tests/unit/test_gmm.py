@@ -248,3 +248,32 @@ def test_cli_refuses_bad_generator_input_time(tmp_path, capsys):
         assert main(["toy", "gmm", "--one-step-input-time", bad, "--out", str(out)]) == 2
         assert "--one-step-input-time must be in (0, 1)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_input_times_reach_the_students_by_step_count(tmp_path, capsys, monkeypatch):
+    """--one-step-input-time goes to 1-step students only, --multi-step-input-time to the others; bad values are
+    refused before anything is written."""
+    from senseflow.cli import main
+    from senseflow.toy.gmm import bench
+
+    out = tmp_path / "gmm"
+    assert main(["toy", "gmm", "--multi-step-input-time", "1.5", "--out", str(out)]) == 2
+    assert "--multi-step-input-time must be in (0, 1)" in capsys.readouterr().err
+    assert not out.exists()
+    seen: dict[int, float | None] = {}
+
+    class Recorded(BaseException):
+        """Stops the run once the spec is recorded (not an Exception: the CLI must not turn it into an exit code)."""
+
+    def fake_distil(mixture, mlp, spec, ev, eval_every=250):
+        seen[spec.steps] = spec.generator_input_time
+        raise Recorded
+
+    monkeypatch.setattr(bench, "distil", fake_distil)
+    monkeypatch.setattr(bench, "TEACHER_STEPS", (1,))
+    for steps in ("1", "4"):
+        with pytest.raises(Recorded):
+            main(["toy", "gmm", "--dim", "2", "--classes", "2", "--modes", "2", "--teacher-width", "8",
+                  "--teacher-train-steps", "5", "--eval-samples", "40", "--methods", "dmd2", "--steps", steps,
+                  "--one-step-input-time", "0.3", "--multi-step-input-time", "0.85", "--out", str(out)])
+    assert seen == {1: 0.3, 4: 0.85}

@@ -178,6 +178,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--one-step-input-time", type=float, default=None, metavar="T",
                    help="1-step students: generator.first_input_time T: query G at time T for the pure noise, scaled to T "
                         "(SiD's sigma_init; docs/deviations.md); default: t = 1, the anchor itself")
+    p.add_argument("--multi-step-input-time", type=float, default=None, metavar="T",
+                   help="students with more than one step: the same for their first (pure-noise) anchor, whose "
+                        "prediction backward simulation trains as a 1-step sample too (docs/ground_truth.md, third "
+                        "session: T = 0.85 holds the 4-step mode weights); default: t = 1")
     p.add_argument("--ema", type=float, default=None, help="also evaluate an EMA of the generator with this decay")
     p.add_argument("--real-data", action="store_true", help="batches carry true samples")
     p.add_argument("--eval-every", type=int, default=250)
@@ -199,9 +203,11 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], list[int], d
         raise SenseflowError(f"--eval-samples must be >= 10 per class ({10 * args.classes})")
     if args.ema is not None and not 0.0 < args.ema < 1.0:
         raise SenseflowError("--ema must be in (0, 1)")
-    if args.one_step_input_time is not None and not 0.0 < args.one_step_input_time < 1.0:
-        raise SenseflowError("--one-step-input-time must be in (0, 1) (below the pure-noise anchor t = 1; omit it "
-                             "for t = 1)")
+    for flag in ("one_step_input_time", "multi_step_input_time"):
+        value = getattr(args, flag)
+        if value is not None and not 0.0 < value < 1.0:
+            raise SenseflowError(f"--{flag.replace('_', '-')} must be in (0, 1) (below the pure-noise anchor t = 1; "
+                                 f"omit it for t = 1)")
     overrides = parse_method_overrides(args.overrides)
     unused = [k for k in overrides if not any(k in CONFIGS[m].model_fields for m in methods)]
     if unused:
@@ -256,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         spec = RunSpec(method=m, steps=k, iterations=args.iterations, batch_size=args.batch_size, lr_g=args.lr_g,
                        lr_fake=args.lr_fake, seed=s, teacher=args.teacher, method_overrides=_for_method(m, overrides),
                        real_data=args.real_data, ema_decay=args.ema,
-                       generator_input_time=args.one_step_input_time if k == 1 else None)
+                       generator_input_time=args.one_step_input_time if k == 1 else args.multi_step_input_time)
         res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every)
         gen = res.pop("generator")
         name = f"{m} {k}-step"
