@@ -92,6 +92,10 @@ for m in ("senseflow", "dmd2"):
 for m in ("senseflow", "dmd2", "sid"):
     for tin in (0.3, 0.5, 0.85):
         _v(f"{m}-4-tin{tin}-ema", m, 4, generator_input_time=tin, ema_decay=0.99)
+# 4 steps: a last anchor nearer the data (the last step denoises from t = 0.1 instead of 0.25)
+for m in ("senseflow", "dmd2"):
+    _v(f"{m}-4-anchlow-ema", m, 4, anchors=(1.0, 0.6, 0.3, 0.1), ema_decay=0.99)
+    _v(f"{m}-4-tin0.85-anchlow-ema", m, 4, anchors=(1.0, 0.6, 0.3, 0.1), generator_input_time=0.85, ema_decay=0.99)
 # DMD (v1)'s regression on teacher ODE pairs next to the DMD loss (toy/gmm/regression.py), 1 step
 for m in ("senseflow", "dmd2"):
     for w in (0.25, 1.0, 4.0, 20.0, 100.0):

@@ -68,6 +68,7 @@ class RunSpec:
     generator_input_time: float | None = None  # generator.first_input_time (SiD's sigma_init); < the first anchor
     regression_weight: float = 0.0  # DMD (v1)'s regression on teacher ODE pairs (toy/gmm/regression.py); 1 step
     regression_pairs: int = 65536
+    anchors: tuple[float, ...] | None = None  # unit anchors; None = unit_anchors(steps) ([1, .75, .5, .25] at 4)
     label: str = ""
 
     def method_config(self):
@@ -125,7 +126,10 @@ def generator_config(spec: RunSpec) -> GeneratorConfig:
     """The run's ``generator.*`` section: the library's anchors and ``first_input_time`` (validated as a run config
     is; the mixture's schedule is unshifted, so unit time is native time)."""
     try:
-        return GeneratorConfig(anchors=unit_anchors(spec.steps), first_input_time=spec.generator_input_time)
+        anchors = unit_anchors(spec.steps) if spec.anchors is None else list(spec.anchors)
+        if len(anchors) != spec.steps:
+            raise SenseflowError(f"gmm: {len(anchors)} anchors for a {spec.steps}-step student")
+        return GeneratorConfig(anchors=anchors, first_input_time=spec.generator_input_time)
     except ValidationError as err:
         raise SenseflowError(f"gmm: {err.errors()[0]['msg']}") from None
 
