@@ -28,6 +28,7 @@ from senseflow.schedules import RectifiedFlow, flux_mu  # noqa: E402
 from senseflow.teachers.base import Conditioning, Guidance, SenseflowError, capture_outputs  # noqa: E402
 from senseflow.teachers.flux import (  # noqa: E402
     GUIDANCE_EMBEDDER_PREFIX, FluxAdapter, latent_image_ids, pack_latents, unpack_latents)
+from tests.helpers.adapter_checks import latents, one_line_error, ones  # noqa: E402
 from tests.helpers.tiny_models import make_tiny_flux_folder, make_tiny_sd3_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -68,20 +69,6 @@ def pipeline(folder: Path) -> FluxPipeline:
     if str(folder) not in _pipes:
         _pipes[str(folder)] = FluxPipeline.from_pretrained(folder)
     return _pipes[str(folder)]
-
-
-def latents(adapter: FluxAdapter, n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
-
-
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, f"error message is not one line: {msg!r}"
-    return msg
-
-
-def ones(n: int, value: float = 1.0) -> torch.Tensor:
-    return torch.full((n,), value, dtype=torch.float64)
 
 
 # -------------------------------------------------------------------------------------------------

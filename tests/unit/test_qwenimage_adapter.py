@@ -27,6 +27,7 @@ from senseflow.schedules import RectifiedFlow  # noqa: E402
 from senseflow.teachers.base import Conditioning, Guidance, SenseflowError, capture_outputs  # noqa: E402
 from senseflow.teachers.qwenimage import (  # noqa: E402
     DROP_IDX, PROMPT_TEMPLATE, QwenImageAdapter, pack_latents, unpack_latents)
+from tests.helpers.adapter_checks import latents, one_line_error, ones  # noqa: E402
 from tests.helpers.threads import single_thread  # noqa: E402,F401 (module-wide autouse: one thread)
 from tests.helpers.tiny_models import make_tiny_flux_folder  # noqa: E402
 from tests.helpers.tiny_qwenimage import TINY_QWENIMAGE_SCHEDULER, make_tiny_qwenimage_folder  # noqa: E402
@@ -65,20 +66,6 @@ def pipeline(folder: Path) -> QwenImagePipeline:
     if str(folder) not in _pipes:
         _pipes[str(folder)] = QwenImagePipeline.from_pretrained(folder)
     return _pipes[str(folder)]
-
-
-def latents(adapter, n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
-
-
-def ones(n: int, value: float = 1.0) -> torch.Tensor:
-    return torch.full((n,), value, dtype=torch.float64)
-
-
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, f"error message is not one line: {msg!r}"
-    return msg
 
 
 def stock(folder: Path, x: torch.Tensor, sigmas, cfg: float | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from senseflow.schedules import RectifiedFlow, TrigFlow, flow_to_trigflow, trigflow_to_flow  # noqa: E402
 from senseflow.teachers.base import Conditioning, Guidance, SenseflowError, capture_outputs  # noqa: E402
 from senseflow.teachers.sana import DEFAULT_COMPLEX_HUMAN_INSTRUCTION, SanaAdapter  # noqa: E402
+from tests.helpers.adapter_checks import latents, one_line_error  # noqa: E402
 from tests.helpers.tiny_models import make_tiny_sana_folder, make_tiny_sdxl_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -65,16 +66,6 @@ def euler_pipeline(folder: Path) -> SanaPipeline:
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000,
                                                      shift=pipe.scheduler.config.flow_shift)
     return pipe
-
-
-def latents(adapter: SanaAdapter, n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
-
-
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, f"error message is not one line: {msg!r}"
-    return msg
 
 
 def full(n: int, value: float) -> torch.Tensor:

@@ -24,6 +24,7 @@ from senseflow.schedules import RectifiedFlow  # noqa: E402
 from senseflow.teachers import loading  # noqa: E402
 from senseflow.teachers.base import Conditioning, Guidance, SenseflowError, capture_outputs  # noqa: E402
 from senseflow.teachers.sd3 import SD3Adapter  # noqa: E402
+from tests.helpers.adapter_checks import latents, one_line_error  # noqa: E402
 from tests.helpers.tiny_models import make_tiny_sd3_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -73,16 +74,6 @@ def pipeline(folder: Path) -> StableDiffusion3Pipeline:
     if not (folder / "text_encoder_3").is_dir():
         extra = {"text_encoder_3": None, "tokenizer_3": None}
     return StableDiffusion3Pipeline.from_pretrained(folder, **extra)
-
-
-def latents(adapter: SD3Adapter, n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
-
-
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, f"error message is not one line: {msg!r}"
-    return msg
 
 
 # -------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from senseflow.schedules import DDPM  # noqa: E402
 from senseflow.teachers.base import Conditioning, Guidance, SenseflowError, capture_outputs  # noqa: E402
 from senseflow.teachers.sdxl import SDXLAdapter  # noqa: E402
+from tests.helpers.adapter_checks import latents, one_line_error  # noqa: E402
 from tests.helpers.tiny_models import make_tiny_flux_folder, make_tiny_sdxl_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -61,16 +62,6 @@ def ddim_pipeline(folder: Path) -> StableDiffusionXLPipeline:
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
                                                set_alpha_to_one=True, clip_sample=False)
     return pipe
-
-
-def latents(adapter: SDXLAdapter, n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
-
-
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, f"error message is not one line: {msg!r}"
-    return msg
 
 
 def full(n: int, value: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ from senseflow.schedules import RectifiedFlow  # noqa: E402
 from senseflow.teachers import registry  # noqa: E402
 from senseflow.teachers.base import Conditioning, Guidance, SenseflowError  # noqa: E402
 from senseflow.teachers.zimage import ZImageAdapter  # noqa: E402
+from tests.helpers.adapter_checks import latents, one_line_error, ones  # noqa: E402
 from tests.helpers.tiny_zimage import make_tiny_zimage_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -61,20 +62,6 @@ def pipeline(folder: Path) -> ZImagePipeline:
     if str(folder) not in _pipes:
         _pipes[str(folder)] = ZImagePipeline.from_pretrained(folder)
     return _pipes[str(folder)]
-
-
-def latents(adapter: ZImageAdapter, n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
-
-
-def ones(n: int, value: float = 1.0) -> torch.Tensor:
-    return torch.full((n,), value, dtype=torch.float64)
-
-
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg, f"error message is not one line: {msg!r}"
-    return msg
 
 
 def run_pipe(folder: Path, x: torch.Tensor, sigmas, g: float = 0.0, **kw) -> torch.Tensor:
