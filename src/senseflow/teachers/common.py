@@ -122,6 +122,24 @@ class DiffusersFolderAdapter(ModelAdapter):
         self._uncond = cond.detach().to(self.device)
 
 
+class SingleTextEncoder:
+    """For adapters with one text encoder in ``self.text_encoder`` (SANA, Qwen-Image, Z-Image, FLUX.2) and
+    their unconditional embedding cached in ``self._uncond`` by ``unconditional`` (FLUX.2 keeps its own
+    release: it caches the empty prompt only when it does real CFG)."""
+
+    text_encoder: Any
+
+    def text_encoders(self) -> list:
+        return [] if self.text_encoder is None else [self.text_encoder]
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoder (after caching prompts); the unconditional (negative / empty prompt)
+        embedding is encoded first and stays cached."""
+        if self.text_encoder is not None and self._uncond is None:
+            self.unconditional(1)
+        self.text_encoder = None
+
+
 class ScaledShiftedVAE:
     """``AutoencoderKL`` latents as the FLUX-style pipelines scale them: ``(z - shift_factor) * scaling_factor``.
 

@@ -54,7 +54,8 @@ from ..released import ReleasedForms
 from ..schedules import RectifiedFlow, as_time
 from . import loading, registry
 from .base import Conditioning, FeatureTap, SenseflowError
-from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
+from .common import (DiffusersFolderAdapter, SingleTextEncoder, flow_export_scheduler, flow_step_kwargs,
+                     max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "Flux2Transformer2DModel"
 VAE_CLASS = "AutoencoderKLFlux2"
@@ -279,7 +280,7 @@ def load_flux2_tokenizer(path: Path, variant: Variant):
     return tok
 
 
-class Flux2Adapter(DiffusersFolderAdapter):
+class Flux2Adapter(SingleTextEncoder, DiffusersFolderAdapter):
     """FLUX.2 family adapter (see module docstring)."""
 
     family = "flux2"
@@ -512,9 +513,6 @@ class Flux2Adapter(DiffusersFolderAdapter):
         if "cfg" in self.guidance_kinds and self.has_text_encoders and self._uncond is None:
             self._uncond = self.encode_prompts([""])
         self.text_encoder = None
-
-    def text_encoders(self) -> list:
-        return [] if self.text_encoder is None else [self.text_encoder]
 
     # -- structure -----------------------------------------------------------------------------
     def feature_blocks(self, backbone: nn.Module) -> list[str]:

@@ -46,8 +46,8 @@ from ..schedules import as_time, expand_like
 from . import loading, registry
 from .flux import pack_latents, unpack_latents  # noqa: F401  (QwenImagePipeline packs 2x2 as FluxPipeline)
 from .base import NO_GUIDANCE, Conditioning, FeatureTap, Guidance, SenseflowError
-from .common import (DiffusersFolderAdapter, exponential_shift_schedule, flow_export_scheduler, flow_step_kwargs,
-                     max_sequence_length_kwarg)
+from .common import (DiffusersFolderAdapter, SingleTextEncoder, exponential_shift_schedule, flow_export_scheduler,
+                     flow_step_kwargs, max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "QwenImageTransformer2DModel"
 TEXT_ENCODER_CLASS = "Qwen2_5_VLForConditionalGeneration"
@@ -145,7 +145,7 @@ def _refuse_embedded() -> None:
                          "negative prompt), not embedded guidance")
 
 
-class QwenImageAdapter(DiffusersFolderAdapter):
+class QwenImageAdapter(SingleTextEncoder, DiffusersFolderAdapter):
     """Qwen-Image family adapter (see module docstring)."""
 
     guidance_kinds = frozenset({"cfg"})
@@ -334,12 +334,6 @@ class QwenImageAdapter(DiffusersFolderAdapter):
             self._uncond = self.encode_prompts([self.negative_prompt])
         return self._uncond.expand(batch_size)
 
-    def release_text_encoders(self) -> None:
-        """Drop the text encoder (after caching prompts); the negative prompt stays cached."""
-        if self.text_encoder is not None and self._uncond is None:
-            self.unconditional(1)
-        self.text_encoder = None
-
     # -- latents -------------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:
@@ -373,9 +367,6 @@ class QwenImageAdapter(DiffusersFolderAdapter):
         return self.token_grid_tap(backbone, self.block_names(backbone), layer, patch=2, index=1)
 
     # -- devices -------------------------------------------------------------------------------
-    def text_encoders(self) -> list:
-        return [self.text_encoder] if self.text_encoder is not None else []
-
     def __repr__(self) -> str:
         return (f"QwenImageAdapter(source={self.source!r}, resolution={self.resolution}, schedule={self.schedule}, "
                 f"text_encoder={'yes' if self.text_encoder else 'no'}, max_sequence_length={self.max_sequence_length}, "

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from ..schedules import NoiseSchedule, RectifiedFlow, TrigFlow, as_time, expand_like, trigflow_to_flow
 from . import loading, registry
 from .base import Conditioning, FeatureTap, SenseflowError
-from .common import DiffusersFolderAdapter, flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg
+from .common import (DiffusersFolderAdapter, SingleTextEncoder, flow_export_scheduler, flow_step_kwargs,
+                     max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "SanaTransformer2DModel"
 TEXT_ENCODER_CLASSES: tuple[str, ...] = ("Gemma2Model", "Gemma2ForCausalLM")
@@ -152,7 +153,7 @@ def has_guidance_embedding(backbone: nn.Module) -> bool:
     return loading.find_module_name(backbone, "guidance_embedder") is not None
 
 
-class SanaAdapter(DiffusersFolderAdapter):
+class SanaAdapter(SingleTextEncoder, DiffusersFolderAdapter):
     """SANA / SANA-Sprint family adapter (see module docstring)."""
 
     family = "sana"
@@ -369,12 +370,6 @@ class SanaAdapter(DiffusersFolderAdapter):
             self._uncond = self._encode([self.negative_prompt], with_instruction=False)
         return self._uncond.expand(batch_size)
 
-    def release_text_encoders(self) -> None:
-        """Drop the text encoder (after caching prompts); the empty prompt stays cached."""
-        if self.text_encoder is not None and self._uncond is None:
-            self.unconditional(1)
-        self.text_encoder = None
-
     # -- latents -------------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:
@@ -401,9 +396,6 @@ class SanaAdapter(DiffusersFolderAdapter):
         return self.token_grid_tap(backbone, self.block_names(backbone), layer, patch=patch, index=0)
 
     # -- devices -------------------------------------------------------------------------------
-    def text_encoders(self) -> list:
-        return [self.text_encoder] if self.text_encoder is not None else []
-
     def __repr__(self) -> str:
         return (f"SanaAdapter(source={self.source!r}, resolution={self.resolution}, prediction={self.prediction!r}, "
                 f"schedule={self.schedule}, text_encoder={'yes' if self.text_encoder else 'no'}, "

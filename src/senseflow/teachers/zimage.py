@@ -53,8 +53,8 @@ from torch import Tensor, nn
 from ..schedules import RectifiedFlow, as_time, expand_like
 from . import loading, registry
 from .base import NO_GUIDANCE, Conditioning, FeatureTap, Guidance, SenseflowError
-from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, calculate_shift_schedule, flow_export_scheduler,
-                     flow_step_kwargs, max_sequence_length_kwarg)
+from .common import (DiffusersFolderAdapter, ScaledShiftedVAE, SingleTextEncoder, calculate_shift_schedule,
+                     flow_export_scheduler, flow_step_kwargs, max_sequence_length_kwarg)
 
 TRANSFORMER_CLASS = "ZImageTransformer2DModel"
 #: model_index.json names Qwen3Model; the released text_encoder/config.json says Qwen3ForCausalLM
@@ -157,7 +157,7 @@ def chat_prompt(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True, enable_thinking=True)
 
 
-class ZImageAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
+class ZImageAdapter(ScaledShiftedVAE, SingleTextEncoder, DiffusersFolderAdapter):
     """Z-Image family adapter (see module docstring)."""
 
     guidance_kinds = frozenset({"cfg"})
@@ -368,12 +368,6 @@ class ZImageAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
             self._uncond = self.encode_prompts([self.negative_prompt])
         return self._uncond.expand(batch_size)
 
-    def release_text_encoders(self) -> None:
-        """Drop the text encoder (after caching prompts); the empty prompt stays cached."""
-        if self.text_encoder is not None and self._uncond is None:
-            self.unconditional(1)
-        self.text_encoder = None
-
     # -- latents -------------------------------------------------------------------------------
     # -- structure -----------------------------------------------------------------------------
     def main_block_names(self, backbone: nn.Module) -> list[str]:
@@ -391,9 +385,6 @@ class ZImageAdapter(ScaledShiftedVAE, DiffusersFolderAdapter):
         return None
 
     # -- devices -------------------------------------------------------------------------------
-    def text_encoders(self) -> list:
-        return [self.text_encoder] if self.text_encoder is not None else []
-
     def __repr__(self) -> str:
         return (f"ZImageAdapter(source={self.source!r}, resolution={self.resolution}, schedule={self.schedule}, "
                 f"text_encoder={'yes' if self.text_encoder else 'no'}, max_sequence_length={self.max_sequence_length}, "
