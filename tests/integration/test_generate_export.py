@@ -36,6 +36,7 @@ from senseflow.schedules import anchors as unit_to_native  # noqa: E402
 from senseflow.student import load_student  # noqa: E402
 from senseflow.teachers.base import Denoiser  # noqa: E402
 from tests.helpers import tiny_flux2, tiny_models, tiny_zimage  # noqa: E402
+from tests.helpers.cli_checks import cli_fails  # noqa: E402
 from tests.helpers.tiny_qwenimage import make_tiny_qwenimage_folder  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -199,15 +200,6 @@ def test_subset_batching_resume_and_fewer_steps(tmp_path):
     assert np.abs(read_png(few / "00000.png") - stock_u8).max() <= 1
 
 
-def _fails(capsys, argv, *needles) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("senseflow: error:") and "\n" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys):
     run = make_student_run(tmp_path, "sd3")
     prompts = write_prompts(tmp_path / "prompts.txt")
@@ -215,28 +207,28 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys):
     empty.write_text("\n  \n")
     out = tmp_path / "out"
     gen = ["generate", "--student", str(run), "--out", str(out), "--device", "cpu"]
-    _fails(capsys, [*gen, "--prompts", str(empty)], "no prompts")
-    _fails(capsys, [*gen, "--prompts", str(prompts), "--start-idx", "4"], "--start-idx 4", "0..3")
-    _fails(capsys, [*gen, "--prompts", str(prompts), "--start-idx", "-1"], "--start-idx")
-    _fails(capsys, [*gen, "--prompts", str(prompts), "--steps", "5"], "--steps", "1..4")
-    _fails(capsys, [*gen, "--prompts", str(tmp_path / "nope.txt")], "not found")
-    _fails(capsys, ["generate", "--student", str(tmp_path / "nope"), "--prompts", str(prompts), "--out", str(out)],
+    cli_fails(capsys, [*gen, "--prompts", str(empty)], "no prompts")
+    cli_fails(capsys, [*gen, "--prompts", str(prompts), "--start-idx", "4"], "--start-idx 4", "0..3")
+    cli_fails(capsys, [*gen, "--prompts", str(prompts), "--start-idx", "-1"], "--start-idx")
+    cli_fails(capsys, [*gen, "--prompts", str(prompts), "--steps", "5"], "--steps", "1..4")
+    cli_fails(capsys, [*gen, "--prompts", str(tmp_path / "nope.txt")], "not found")
+    cli_fails(capsys, ["generate", "--student", str(tmp_path / "nope"), "--prompts", str(prompts), "--out", str(out)],
            "does not exist")
-    _fails(capsys, [*gen, "--prompts", str(prompts), "--teacher", str(tmp_path / "gone")], "gone", "--teacher")
+    cli_fails(capsys, [*gen, "--prompts", str(prompts), "--teacher", str(tmp_path / "gone")], "gone", "--teacher")
     assert not out.exists()
     # a student folder without its weights
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "student.json").write_text((run / "student" / "student.json").read_text())
-    _fails(capsys, ["generate", "--student", str(broken), "--prompts", str(prompts), "--out", str(out)],
+    cli_fails(capsys, ["generate", "--student", str(broken), "--prompts", str(prompts), "--out", str(out)],
            "student.safetensors")
-    _fails(capsys, ["export", "--student", str(broken), "--out", str(out)], "student.safetensors")
+    cli_fails(capsys, ["export", "--student", str(broken), "--out", str(out)], "student.safetensors")
     assert not out.exists()
     # export refuses to overwrite, and --overwrite replaces
     export = tmp_path / "export"
     export.mkdir()
     (export / "keep.txt").write_text("x")
-    _fails(capsys, ["export", "--student", str(run), "--out", str(export)], "--overwrite")
+    cli_fails(capsys, ["export", "--student", str(run), "--out", str(export)], "--overwrite")
     assert (export / "keep.txt").exists()
     assert main(["export", "--student", str(run), "--out", str(export), "--overwrite"]) == 0
     assert not (export / "keep.txt").exists() and (export / "model_index.json").is_file()
@@ -245,7 +237,7 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path, capsys):
 
 def test_sdxl_euler_with_non_uniform_anchors_is_refused(tmp_path, capsys):
     run = make_student_run(tmp_path, "sdxl", "euler", anchors=(1.0, 0.6, 0.3))
-    _fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "x")], "uniformly spaced", "stochastic")
+    cli_fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "x")], "uniformly spaced", "stochastic")
     assert not (tmp_path / "x").exists()
     # the stochastic (LCMScheduler) export takes any timesteps
     assert main(["export", "--student", str(run), "--out", str(tmp_path / "x"), "--sampler", "stochastic"]) == 0

@@ -40,6 +40,7 @@ from senseflow.student import load_student  # noqa: E402
 from senseflow.teachers import registry  # noqa: E402
 from senseflow.teachers.base import SenseflowError  # noqa: E402
 from tests.helpers import tiny_models  # noqa: E402
+from tests.helpers.cli_checks import cli_fails  # noqa: E402
 from tests.helpers.diffusers_widths import flux_widths, with_constants  # noqa: E402
 from tests.helpers.threads import single_thread  # noqa: E402,F401
 from tests.integration.test_generate_export import ATOL, PROMPTS, make_student_run, to_unit  # noqa: E402
@@ -550,29 +551,20 @@ def test_kohya_refuses_adapters_diffusers_would_read_back_wrong_or_drop():
                          "transformer.transformer_blocks.3.attn.to_out.0.lora_B.weight"}
 
 
-def _fails(capsys, argv, *needles) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("senseflow: error:") and "\n" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
-
-
 def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
     run = make_student_run(tmp_path, "sd3")
     out = tmp_path / "x"
     base = ["export", "--student", str(run), "--out", str(out)]
-    _fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3",      # diffusers reads no SD3 kohya file
+    cli_fails(capsys, [*base, "--format", "kohya-lora"], "kohya", "sd3",      # diffusers reads no SD3 kohya file
            "flux", "sdxl", "qwenimage", "zimage", "flux2")
-    _fails(capsys, [*base, "--format", "single-file", "--link", "copy"], "--link", "diffusers")
-    _fails(capsys, [*base, "--format", "checkpoint"], "whole-model", "sdxl")
-    _fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "a.safetensors"), "--format",
+    cli_fails(capsys, [*base, "--format", "single-file", "--link", "copy"], "--link", "diffusers")
+    cli_fails(capsys, [*base, "--format", "checkpoint"], "whole-model", "sdxl")
+    cli_fails(capsys, ["export", "--student", str(run), "--out", str(tmp_path / "a.safetensors"), "--format",
                     "single-file"], "folder")
     assert not out.exists() and not (tmp_path / "a.safetensors").exists()
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    _fails(capsys, [*base, "--format", "single-file"], "--overwrite")
+    cli_fails(capsys, [*base, "--format", "single-file"], "--overwrite")
     assert (out / "keep.txt").exists()
     assert main([*base, "--format", "single-file", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "x.safetensors").is_file()
