@@ -54,10 +54,13 @@ def checkpoint_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items() if k not in skip}
 
 
-def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None,
+def save_safetensors(module: nn.Module | None, path: Path, metadata: dict[str, str] | None = None,
                      tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write a module's weights (or ``tensors``) atomically; refused (one line) when any of them is NaN / inf."""
-    tensors = module_tensors(module) if tensors is None else tensors
+    if tensors is None:
+        if module is None:
+            raise ValueError("save_safetensors needs a module or tensors")
+        tensors = module_tensors(module)
     require_finite(tensors, str(path))
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)

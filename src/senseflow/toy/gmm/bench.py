@@ -32,20 +32,18 @@ SHOWN: tuple[str, ...] = ("class_acc", "precision", "coverage", "mode_tv", "reca
 def load_or_fit_teacher(mixture: GaussianMixture, mixture_key: str, out: Path | None, width: int, depth: int,
                         steps: int, progress: bool = True, time_law: str = "logit_normal") -> VelocityMLP:
     """The MLP teacher, cached as safetensors next to the results (refit when anything differs)."""
-    from safetensors.torch import load_file, save_file
+    from ...train.checkpoint import read_safetensors, save_safetensors
 
     law = "" if time_law == "logit_normal" else f"_{time_law}"
     path = None if out is None else out / f"teacher_{mixture_key}_w{width}_d{depth}_s{steps}{law}.safetensors"
     net = VelocityMLP(mixture.dim, mixture.num_classes, width, depth)
     if path is not None and path.is_file():
-        net.load_state_dict(load_file(str(path)))
+        net.load_state_dict(read_safetensors(path))
         return net.eval()
     net = fit_mlp_teacher(mixture, width, depth, steps, progress=progress, time_law=time_law)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        tmp.replace(path)
+        save_safetensors(net, path)
     return net
 
 

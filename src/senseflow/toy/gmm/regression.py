@@ -47,17 +47,15 @@ def ode_pairs(mixture: GaussianMixture, backbone: torch.nn.Module, n: int, steps
 def load_or_make_pairs(mixture: GaussianMixture, backbone: torch.nn.Module, n: int, steps: int,
                        cache: Path | None) -> dict[str, Tensor]:
     """:func:`ode_pairs`, cached as safetensors in ``cache`` (the file name carries n and steps)."""
-    from safetensors.torch import load_file, save_file
+    from ...train.checkpoint import read_safetensors, save_safetensors
 
     if cache is None:
         return ode_pairs(mixture, backbone, n, steps)
     if cache.is_file():
-        return load_file(str(cache))
+        return read_safetensors(cache)
     pairs = ode_pairs(mixture, backbone, n, steps)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in pairs.items()}, str(tmp))
-    tmp.replace(cache)
+    save_safetensors(None, cache, tensors={k: v.contiguous() for k, v in pairs.items()})
     return pairs
 
 
