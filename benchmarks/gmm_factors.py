@@ -96,11 +96,36 @@ for m in ("senseflow", "dmd2", "sid"):
 for m in ("senseflow", "dmd2"):
     _v(f"{m}-4-anchlow-ema", m, 4, anchors=(1.0, 0.6, 0.3, 0.1), ema_decay=0.99)
     _v(f"{m}-4-tin0.85-anchlow-ema", m, 4, anchors=(1.0, 0.6, 0.3, 0.1), generator_input_time=0.85, ema_decay=0.99)
+# 4 steps: the student is too wide along each mode's narrowest axes and too tight along its widest
+# (benchmarks/gmm_mode_shape.py).  Structure at the 0.05-0.15 scale of the components is only visible to
+# the DMD gradient at low noise (t <~ 0.15), which a uniform 0.02-0.98 DMD time reaches one draw in ten:
+# put the DMD time (and the fake score's) at low noise
+LOW = {"kind": "uniform", "low": 0.02, "high": 0.3}
+for m in ("senseflow", "dmd2"):
+    T85 = {"generator_input_time": 0.85, "ema_decay": 0.99}
+    _v(f"{m}-4-tin0.85-dmdlow-ema", m, 4, **T85, method_overrides={"dmd_time": LOW})
+    _v(f"{m}-4-tin0.85-dmdlow-fakelow-ema", m, 4, **T85, method_overrides={"dmd_time": LOW, "fake_time": LOW})
+    _v(f"{m}-4-tin0.85-lrg3e-4-ema", m, 4, **T85, lr_g=3e-4)  # the 1-step student's faster G, at 4 steps
+    _v(f"{m}-4-tin0.85-dmdlogn-ema", m, 4, **T85, method_overrides={
+        "dmd_time": {"kind": "logit_normal", "mean": -1.0, "std": 1.0, "low": 0.02, "high": 0.98}})
+_v("dmd2-1-tin0.3-dmdlow", "dmd2", 1, generator_input_time=0.3, method_overrides={"dmd_time": LOW})
+_v("dmd2-1-tin0.3-dmdlow-fakelow", "dmd2", 1, generator_input_time=0.3,
+   method_overrides={"dmd_time": LOW, "fake_time": LOW})
 # DMD (v1)'s regression on teacher ODE pairs next to the DMD loss (toy/gmm/regression.py), 1 step
 for m in ("senseflow", "dmd2"):
     for w in (0.25, 1.0, 4.0, 20.0, 100.0):
         _v(f"{m}-1-tin0.3-reg{w:g}", m, 1, generator_input_time=0.3, regression_weight=w)
         _v(f"{m}-1-reg{w:g}", m, 1, regression_weight=w)
+# the 1-step student with the regression term is bound by its optimisation (docs/ground_truth.md, third session):
+# more G updates per iteration (TTUR 1), a faster G, and an EMA of G
+REG4 = {"generator_input_time": 0.3, "regression_weight": 4.0}
+_v("dmd2-1-tin0.3-reg4-ema", "dmd2", 1, **REG4, ema_decay=0.99)
+for ema, etag in ((None, ""), (0.99, "-ema"), (0.999, "-ema0.999")):
+    _v(f"dmd2-1-tin0.3-reg4-ttur1{etag}", "dmd2", 1, **REG4, ema_decay=ema, method_overrides={"ttur": 1})
+    _v(f"dmd2-1-tin0.3-reg4-lrg3e-4{etag}", "dmd2", 1, **REG4, ema_decay=ema, lr_g=3e-4)
+    _v(f"dmd2-1-tin0.3-reg4-dmdlow{etag}", "dmd2", 1, **REG4, ema_decay=ema, method_overrides={"dmd_time": LOW})
+    _v(f"dmd2-1-tin0.3-reg4-ttur1-lrg3e-4{etag}", "dmd2", 1, **REG4, ema_decay=ema, lr_g=3e-4,
+       method_overrides={"ttur": 1})
 # pushed DMD2 (issue #13: 3x generator lr, TTUR 1), with and without IDA at several lambdas
 for lr, tag in ((3e-4, "push3"), (1e-3, "push10")):
     _v(f"dmd2-4-{tag}", "dmd2", 4, lr_g=lr, method_overrides={"ttur": 1})
@@ -128,6 +153,35 @@ def table(rows: list[dict[str, Any]]) -> str:
             cells = [f"{statistics.fmean(r['final_ema'][k] for r in rs):.3f}" for k in keys]
             out += f"| {name} (EMA) | {len(rs)} | " + " | ".join(cells) + " | |\n"
     return out
+
+
+def mode_shape_table(out: Path, width: int, fit_steps: int, law: str, eval_samples: int) -> str:
+    """``metrics.mode_shape`` of the backbone's own Euler samples and of each saved final sample in ``out/samples``
+    (raw weights, first seed): the per-axis spread inside the ellipsoids, axes ranked narrowest first."""
+    from safetensors.torch import load_file
+
+    from senseflow.teachers.base import Guidance
+    from senseflow.toy.gmm.metrics import mode_shape
+    from senseflow.toy.gmm.run import teacher_samples
+
+    mixture = GaussianMixture.random(16, 4, 5, seed=0)
+    ev = EvalSet.make(mixture, GMMAdapter(mixture), eval_samples)
+    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), width, 3, fit_steps, time_law=law)
+    rows = {"true samples": ev.reference}
+    for n in (4, 8, 128):
+        rows[f"backbone, Euler {n}"] = teacher_samples(mixture, mlp, n, ev, Guidance())
+    for f in sorted((out / "samples").glob("*.safetensors")):
+        rows[f.stem.replace(f"-w{width}-s{fit_steps}-{law}", "")] = load_file(str(f))["x"]
+    d = mixture.dim
+    q = max(1, d // 4)
+    text = (f"| samples | precision | narrowest {q} axes | middle {d - 2 * q} | widest {q} |\n"
+            "| --- | ---: | ---: | ---: | ---: |\n")
+    for name, x in rows.items():
+        prof = mode_shape(mixture, x, ev.labels)
+        prec = ev.score(mixture, x)["precision"]
+        text += (f"| {name} | {prec:.3f} | {float(prof[:q].mean()):.2f} | {float(prof[q:d - q].mean()):.2f} | "
+                 f"{float(prof[d - q:].mean()):.2f} |\n")
+    return text
 
 
 def table_at(rows: list[dict[str, Any]], iteration: int) -> str:
@@ -164,6 +218,9 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--curves", default=None, metavar="PNG",
                    help="train nothing: plot the curves (mean over seeds) of the recorded runs in <out>/factors.jsonl")
+    p.add_argument("--mode-shape", action="store_true",
+                   help="train nothing: per-axis spread of the saved final samples in <out>/samples and of the "
+                        "backbone's Euler 4/8/128 samples (metrics.mode_shape), narrowest axes first")
     p.add_argument("--scatter", default=None, metavar="PNG",
                    help="train nothing: plot the saved final samples in <out>/samples (first seed of each variant)")
     p.add_argument("--table-at", type=int, default=None, metavar="ITERATION",
@@ -176,6 +233,10 @@ def main() -> None:
     if args.table_at is not None:
         recs = [json.loads(line) for line in (Path(args.out) / "factors.jsonl").read_text().splitlines() if line]
         print(table_at(recs, args.table_at))
+        return
+    if args.mode_shape:
+        print(mode_shape_table(Path(args.out), args.teacher_width, args.teacher_fit_steps, args.teacher_law,
+                               args.eval_samples))
         return
     if args.scatter:
         from safetensors.torch import load_file

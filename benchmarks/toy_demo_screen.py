@@ -11,6 +11,7 @@ appended to ``<out>.jsonl``.
 
     .venv/bin/python benchmarks/toy_demo_screen.py --name gan --iterations 100 \\
         --set generator.ema.decay=0.9 method.gan_head.enabled=true method.gan_head.generator_weight=0.05
+    .venv/bin/python benchmarks/toy_demo_screen.py --name reg4 --iterations 100 --regression 4
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--out", default="runs/demo_screen")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--regression", type=float, default=0.0, metavar="W",
+                   help="probe: add DMD (v1)'s regression of G's first-anchor prediction onto teacher ODE samples "
+                        "(toy/gmm/regression.py) with weight W")
+    p.add_argument("--regression-pairs", type=int, default=256, help="training-prompt pairs to draw (teacher time)")
+    p.add_argument("--regression-steps", type=int, default=32, help="Euler steps of the pairs' teacher samples")
+    p.add_argument("--regression-cfg", type=float, default=3.0, help="CFG of the pairs' teacher samples")
     args = p.parse_args()
     out = Path(args.out)
     run = out / args.name
@@ -74,8 +81,32 @@ def main() -> None:
     state["teacher4"] = evaluator.checks_per_image(teacher4, evalset.prompts)
     m = evaluator.evaluate(teacher4, evalset.prompts)
     print(f"teacher 4 Euler steps, CFG 3: attr_acc {m['attr_acc']:.4f} fd_real {m['fd_real']:.1f}", flush=True)
+    if args.regression > 0:
+        install_regression(trainer, args)
     state["t0"] = time.time()
     trainer.fit()
+
+
+def install_regression(trainer, args) -> None:
+    """DMD (v1)'s ``L_reg`` next to the recipe's loss: ``--regression-pairs`` (noise, teacher ODE sample) pairs on
+    training captions the run never draws (batch indices from 10^6 on), MSE in latent space."""
+    from senseflow.rng import derive_seed
+    from senseflow.sampling import sample_ode
+    from senseflow.teachers.base import Guidance
+    from senseflow.toy.gmm.regression import install
+
+    teacher, n = trainer.method.models.teacher, args.regression_pairs
+    _, captions, _ = trainer.data.world.batch(n, 10 ** 6)
+    cond = teacher.adapter.encode_prompts(list(captions)).to(trainer.device)
+    g = torch.Generator().manual_seed(derive_seed(0, "demo-regression-noise"))
+    noise = torch.randn((n, *teacher.adapter.latent_shape()), generator=g).to(trainer.device)
+    t0 = time.time()
+    x0 = torch.cat([sample_ode(teacher, noise[i:i + 128], cond[i:i + 128], args.regression_steps,
+                               Guidance(cfg=args.regression_cfg)) for i in range(0, n, 128)])
+    print(f"{n} regression pairs ({args.regression_steps} Euler steps, CFG {args.regression_cfg:g}) in "
+          f"{time.time() - t0:.0f}s", flush=True)
+    install(trainer.method, {"noise": noise, "x0": x0.float()}, args.regression, trainer.cfg.batch_size,
+            derive_seed(0, "demo-regression"), cond=cond, first_anchor=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
 from senseflow.teachers.base import Denoiser, SenseflowError
-from senseflow.toy.gmm.metrics import evaluate, sliced_w2
+from senseflow.toy.gmm.metrics import evaluate, mode_shape, sliced_w2
 from senseflow.toy.gmm.mixture import GaussianMixture
 from senseflow.toy.gmm.teacher import ClassPromptEncoder, ExactVelocity, GMMAdapter
 
@@ -136,6 +136,31 @@ def test_metrics_floor_hand_values_and_shift(one_thread):
     assert one["coverage"] == pytest.approx(1 / 3)
     assert one["precision"] == 1.0
     assert one["mode_tv"] == pytest.approx(float(1 - mix.weights[:, 0].mean()), abs=1e-12)  # mean over classes
+
+
+def test_mode_shape_is_one_on_true_samples_and_sees_each_axis_scaled():
+    """Samples built per component along its eigen-axes: scaling the narrowest axis by 2 and the widest by 0.5
+    shows as 4 and 0.25 at the two ends of the ranked profile, the rest at 1."""
+    mix = GaussianMixture.random(dim=6, classes=2, modes_per_class=2, seed=0, spread=2.0)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    labels = mix.sample_labels(n, g)
+    comp = torch.randint(0, 2, (n,), generator=g)
+    lam, vecs, mu = mix.eigvals[labels, comp], mix.eigvecs[labels, comp], mix.means[labels, comp]
+    eps = torch.randn(n, 6, generator=g, dtype=torch.float64)
+
+    def draw(scale_narrow: float, scale_wide: float) -> torch.Tensor:
+        s = torch.ones_like(lam)
+        s.scatter_(1, lam.argmin(1, keepdim=True), scale_narrow)
+        s.scatter_(1, lam.argmax(1, keepdim=True), scale_wide)
+        return mu + torch.einsum("nde,ne->nd", vecs, lam.sqrt() * s * eps)
+
+    true = mode_shape(mix, draw(1.0, 1.0), labels, inside_only=False)
+    assert torch.allclose(true, torch.ones(6, dtype=torch.float64), atol=0.05)
+    bent = mode_shape(mix, draw(2.0, 0.5), labels, inside_only=False)
+    assert bent[0] == pytest.approx(4.0, rel=0.06) and bent[-1] == pytest.approx(0.25, rel=0.06)
+    assert torch.allclose(bent[1:-1], torch.ones(4, dtype=torch.float64), atol=0.05)
+    assert (mode_shape(mix, draw(1.0, 1.0), labels) < 1.0).all()  # inside the ellipsoid: the tails cut off
 
 
 def test_sliced_w2_of_a_translation():

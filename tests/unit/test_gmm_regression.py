@@ -88,3 +88,24 @@ def test_refused_for_multi_step_generators(world):
     method = build_method(build_models(mix, mlp, spec), spec.method_config(), images_per_iteration=8)
     with pytest.raises(SenseflowError, match="1-step term: use steps = 1"):
         install(method, ode_pairs(mix, mlp, 8, steps=2), 1.0, 8, 0)
+
+
+def test_first_anchor_form_regresses_a_multi_step_generators_pure_noise_prediction(world):
+    """With pairs given as a conditioning (any model), a 4-step generator's first-anchor prediction is regressed:
+    the term equals the MSE of G at anchor 0 (first_input_time applied) on the drawn pairs."""
+    mix, mlp = world
+    spec = RunSpec(method="dmd2", steps=4, batch_size=8, generator_input_time=0.85)
+    models = build_models(mix, mlp, spec)
+    method = build_method(models, spec.method_config(), images_per_iteration=8)
+    pairs = ode_pairs(mix, mlp, 32, steps=2)
+    adapter, gen = models.teacher.adapter, models.generator
+    cond = adapter.encode_prompts([class_prompt(int(c)) for c in pairs["labels"]])
+    term = install(method, {"noise": pairs["noise"], "x0": pairs["x0"]}, 1.0, 8, seed=0, cond=cond,
+                   first_anchor=True)
+    got = term(None, torch.zeros(1), None, RandomStreams(0))["reg"][1]
+    idx = torch.randint(0, 32, (8,), generator=torch.Generator().manual_seed(0))
+    pred = gen(pairs["noise"][idx], gen.time(0, 8, "cpu"), cond[idx])
+    torch.testing.assert_close(got, torch.nn.functional.mse_loss(pred, pairs["x0"][idx]))
+    assert gen.first_input_time is not None   # the anchor-0 query differs from the raw backbone at t = 1
+    raw = gen.denoiser(pairs["noise"][idx], gen.time(0, 8, "cpu"), cond[idx])
+    assert not torch.allclose(raw, pred)

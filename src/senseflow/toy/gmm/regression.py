@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ...rng import RandomStreams
 from ...sampling import sample_ode
-from ...teachers.base import Denoiser, SenseflowError
+from ...teachers.base import Conditioning, Denoiser, SenseflowError
 from .mixture import GaussianMixture
 from .teacher import GMMAdapter, class_prompt
 
@@ -60,13 +60,19 @@ def load_or_make_pairs(mixture: GaussianMixture, backbone: torch.nn.Module, n: i
 
 
 class ODERegression:
-    """``lambda_reg * mse(G(noise), teacher ODE sample)`` on a random batch of the pairs, each G step."""
+    """``lambda_reg * mse(G(noise), teacher ODE sample)`` on a random batch of the pairs, each G step.
 
-    def __init__(self, method, pairs: dict[str, Tensor], weight: float, batch_size: int, seed: int) -> None:
-        if method.models.generator.num_steps != 1:
+    ``cond``: the pairs' conditioning (any model; ``benchmarks/toy_demo_screen.py --regression``); without it
+    the pairs carry mixture ``labels``.  ``first_anchor``: allow a multi-step generator, whose prediction at
+    the pure-noise anchor -- the 1-step sample backward simulation trains -- is regressed.
+    """
+
+    def __init__(self, method, pairs: dict[str, Tensor], weight: float, batch_size: int, seed: int,
+                 cond: Conditioning | None = None, first_anchor: bool = False) -> None:
+        if method.models.generator.num_steps != 1 and not first_anchor:
             raise SenseflowError("gmm: the regression loss is DMD's 1-step term: use steps = 1")
         self.method, self.pairs, self.weight, self.batch_size = method, pairs, float(weight), int(batch_size)
-        self.adapter = method.models.teacher.adapter
+        self.adapter, self.cond = method.models.teacher.adapter, cond
         self.g = torch.Generator().manual_seed(seed)
         self.inner = method.extra_generator_losses
 
@@ -74,16 +80,18 @@ class ODERegression:
         losses = dict(self.inner(gin, x, batch, rng))
         idx = torch.randint(0, len(self.pairs["noise"]), (self.batch_size,), generator=self.g)
         gen = self.method.models.generator
-        cond = self.adapter.encode_prompts([class_prompt(int(c)) for c in self.pairs["labels"][idx]])
+        cond = self.cond[idx.to(x.device)] if self.cond is not None else \
+            self.adapter.encode_prompts([class_prompt(int(c)) for c in self.pairs["labels"][idx]])
         pred = gen(self.pairs["noise"][idx], gen.time(0, self.batch_size, x.device), cond).float()
         losses["reg"] = (self.weight, torch.nn.functional.mse_loss(pred, self.pairs["x0"][idx]))
         return losses
 
 
-def install(method, pairs: dict[str, Tensor], weight: float, batch_size: int, seed: int) -> ODERegression:
+def install(method, pairs: dict[str, Tensor], weight: float, batch_size: int, seed: int,
+            cond: Conditioning | None = None, first_anchor: bool = False) -> ODERegression:
     """Add the regression term to ``method``'s generator loss (its ``extra_generator_losses`` hook)."""
     if not hasattr(method, "extra_generator_losses"):
         raise SenseflowError(f"gmm: the regression loss needs a DMD2 / SenseFlow method, not {type(method).__name__}")
-    term = ODERegression(method, pairs, weight, batch_size, seed)
+    term = ODERegression(method, pairs, weight, batch_size, seed, cond, first_anchor)
     method.extra_generator_losses = term
     return term
