@@ -25,7 +25,7 @@ from tqdm import tqdm
 from senseflow.toy.gmm.bench import load_or_fit_teacher
 from senseflow.toy.gmm.mixture import GaussianMixture
 from senseflow.toy.gmm.regression import load_or_make_pairs
-from senseflow.toy.gmm.run import EvalSet, RunSpec, build_models, sample_generator
+from senseflow.toy.gmm.run import EMA, EvalSet, RunSpec, build_models, sample_generator
 from senseflow.toy.gmm.teacher import GMMAdapter, class_prompt
 
 
@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=65536)
     p.add_argument("--ode-steps", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--ema", type=float, default=0.0, help="also score an EMA of G with this decay (0: none)")
     p.add_argument("--out", default="runs/gmm_capacity")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -54,6 +55,7 @@ def main() -> None:
     tqdm.write(f"{args.pairs} ODE pairs ({args.ode_steps} Euler steps) in {time.perf_counter() - t0:.0f}s")
     opt = torch.optim.Adam(gen.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(1)
+    ema = EMA(gen, args.ema) if args.ema > 0 else None
     history = [{"step": 0, **ev.score(mixture, sample_generator(gen, ev))}]
     for step in tqdm(range(1, args.steps + 1), desc="regress 1-step G", dynamic_ncols=True):
         idx = torch.randint(0, args.pairs, (args.batch_size,), generator=g)
@@ -63,11 +65,16 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update()
         if step % args.eval_every == 0 or step == args.steps:
             history.append({"step": step, "loss": float(loss), **ev.score(mixture, sample_generator(gen, ev))})
+            if ema is not None:
+                history[-1]["ema"] = ev.score(mixture, sample_generator(ema.generator, ev))
             h = history[-1]
             tqdm.write(f"step {step}: loss {h['loss']:.4f} prec {h['precision']:.3f} cov {h['coverage']:.2f} "
-                       f"tv {h['mode_tv']:.3f} recall {h['recall']:.3f} sw2 {h['sw2']:.3f}")
+                       f"tv {h['mode_tv']:.3f} recall {h['recall']:.3f} sw2 {h['sw2']:.3f}"
+                       + (f" | EMA prec {h['ema']['precision']:.3f} tv {h['ema']['mode_tv']:.3f}" if ema else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "capacity.jsonl", "a") as fh:

@@ -290,7 +290,7 @@ def test_cli_input_times_reach_the_students_by_step_count(tmp_path, capsys, monk
     class Recorded(BaseException):
         """Stops the run once the spec is recorded (not an Exception: the CLI must not turn it into an exit code)."""
 
-    def fake_distil(mixture, mlp, spec, ev, eval_every=250):
+    def fake_distil(mixture, mlp, spec, ev, eval_every=250, pairs_cache=None):
         seen[spec.steps] = spec.generator_input_time
         raise Recorded
 
@@ -302,3 +302,39 @@ def test_cli_input_times_reach_the_students_by_step_count(tmp_path, capsys, monk
                   "--teacher-train-steps", "5", "--eval-samples", "40", "--methods", "dmd2", "--steps", steps,
                   "--one-step-input-time", "0.3", "--multi-step-input-time", "0.85", "--out", str(out)])
     assert seen == {1: 0.3, 4: 0.85}
+
+
+def test_cli_one_step_regression_reaches_only_1_step_dmd_students(tmp_path, capsys, monkeypatch):
+    """--one-step-regression W: the weight and a pairs cache in --out go to 1-step students, 0 to the others; a
+    negative weight, no 1-step student or SiD is refused before anything is written."""
+    from senseflow.cli import main
+    from senseflow.toy.gmm import bench
+
+    out = tmp_path / "gmm"
+    for extra, message in ((["--one-step-regression", "-1"], "finite weight >= 0"),
+                           (["--one-step-regression", "nan"], "finite weight >= 0"),
+                           (["--one-step-regression", "4", "--steps", "4"], "add 1 to --steps"),
+                           (["--one-step-regression", "4", "--methods", "dmd2,sid", "--steps", "1"], "drop sid")):
+        assert main(["toy", "gmm", *extra, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+    seen: dict[int, tuple[float, object]] = {}
+
+    class Recorded(BaseException):
+        """Stops the run once the spec is recorded."""
+
+    def fake_distil(mixture, mlp, spec, ev, eval_every=250, pairs_cache=None):
+        seen[spec.steps] = (spec.regression_weight, pairs_cache)
+        if len(seen) == 2:
+            raise Recorded
+        return {"spec": spec.__dict__, "history": [], "final": {}, "generator": None}
+
+    monkeypatch.setattr(bench, "distil", fake_distil)
+    monkeypatch.setattr(bench, "sample_generator", lambda gen, ev: torch.zeros(len(ev.labels), 2))
+    monkeypatch.setattr(bench, "TEACHER_STEPS", (1,))
+    with pytest.raises(Recorded):
+        main(["toy", "gmm", "--dim", "2", "--classes", "2", "--modes", "2", "--teacher-width", "8",
+              "--teacher-train-steps", "5", "--eval-samples", "40", "--methods", "dmd2", "--steps", "1,4",
+              "--one-step-regression", "4", "--out", str(out)])
+    assert seen[1][0] == 4.0 and seen[4][0] == 0.0
+    assert seen[1][1].parent == out and seen[1][1].suffix == ".safetensors"

@@ -180,6 +180,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="students with more than one step: the same for their first (pure-noise) anchor, whose "
                         "prediction backward simulation trains as a 1-step sample too (docs/ground_truth.md, third "
                         "session: T = 0.85 holds the 4-step mode weights); default: t = 1")
+    p.add_argument("--one-step-regression", type=float, default=0.0, metavar="W",
+                   help="1-step DMD2 / SenseFlow students: add DMD (v1)'s regression onto 65,536 teacher ODE pairs "
+                        "(32 Euler steps, cached in --out) with weight W (toy/gmm/regression.py; docs/ground_truth.md, "
+                        "fourth session: W = 4 with --lr-g 3e-4 --set ttur=1 --ema 0.99 reaches precision 0.90)")
     p.add_argument("--ema", type=float, default=None, help="also evaluate an EMA of the generator with this decay")
     p.add_argument("--real-data", action="store_true", help="batches carry true samples")
     p.add_argument("--eval-every", type=int, default=250)
@@ -206,6 +210,13 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], list[int], d
         if value is not None and not 0.0 < value < 1.0:
             raise SenseflowError(f"--{flag.replace('_', '-')} must be in (0, 1) (below the pure-noise anchor t = 1; "
                                  f"omit it for t = 1)")
+    if args.one_step_regression < 0 or not math.isfinite(args.one_step_regression):
+        raise SenseflowError("--one-step-regression must be a finite weight >= 0 (0: off)")
+    if args.one_step_regression > 0:
+        if 1 not in steps:
+            raise SenseflowError("--one-step-regression trains 1-step students only: add 1 to --steps")
+        if "sid" in methods:
+            raise SenseflowError("--one-step-regression is DMD's term for DMD2 / SenseFlow: drop sid from --methods")
     overrides = parse_method_overrides(args.overrides)
     unused = [k for k in overrides if not any(k in CONFIGS[m].model_fields for m in methods)]
     if unused:
@@ -260,8 +271,11 @@ def run(args: argparse.Namespace) -> int:
         spec = RunSpec(method=m, steps=k, iterations=args.iterations, batch_size=args.batch_size, lr_g=args.lr_g,
                        lr_fake=args.lr_fake, seed=s, teacher=args.teacher, method_overrides=_for_method(m, overrides),
                        real_data=args.real_data, ema_decay=args.ema,
-                       generator_input_time=args.one_step_input_time if k == 1 else args.multi_step_input_time)
-        res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every)
+                       generator_input_time=args.one_step_input_time if k == 1 else args.multi_step_input_time,
+                       regression_weight=args.one_step_regression if k == 1 else 0.0)
+        pairs = out / (f"pairs_{key}_w{args.teacher_width}_d{args.teacher_depth}_s{args.teacher_train_steps}_"
+                       f"{args.teacher_law}_{args.teacher}_n{spec.regression_pairs}_e32.safetensors")
+        res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every, pairs_cache=pairs)
         gen = res.pop("generator")
         name = f"{m} {k}-step"
         curves.setdefault(name, []).append(res)
