@@ -264,7 +264,10 @@ def main() -> None:
             recs = [r for r in recs if r["variant"].split("-w")[0] in wanted]
         runs: dict[str, list[dict[str, Any]]] = {}
         for r in recs:
-            runs.setdefault(r["variant"].replace("-w256-s6000-logit_normal", " (w256)"), []).append(r)
+            name = r["variant"].replace("-w256-s6000-logit_normal", " (w256)")
+            runs.setdefault(name, []).append(r)
+            if r.get("ema_history"):  # the EMA's line beside the raw weights' (it has no iteration-0 point)
+                runs.setdefault(f"{name}, EMA", []).append({"history": r["ema_history"]})
         plot_curves(runs, Path(args.curves))
         print(f"wrote {args.curves} ({', '.join(f'{k}: {len(v)} seeds' for k, v in runs.items())})")
         return
