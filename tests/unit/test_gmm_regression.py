@@ -109,3 +109,14 @@ def test_first_anchor_form_regresses_a_multi_step_generators_pure_noise_predicti
     assert gen.first_input_time is not None   # the anchor-0 query differs from the raw backbone at t = 1
     raw = gen.denoiser(pairs["noise"][idx], gen.time(0, 8, "cpu"), cond[idx])
     assert not torch.allclose(raw, pred)
+
+
+def test_runner_installs_the_first_anchor_form_for_multi_step_students(world):
+    """RunSpec(steps=4, regression_weight>0) trains with the term on the first anchor: its loss is logged."""
+    from senseflow.toy.gmm.run import EvalSet, distil
+    mix, mlp = world
+    spec = RunSpec(method="dmd2", steps=4, iterations=2, batch_size=8, regression_weight=1.0, regression_pairs=16,
+                   method_overrides={"ttur": 1})
+    ev = EvalSet.make(mix, GMMAdapter(mix), 40)
+    out = distil(mix, mlp, spec, ev, eval_every=2)
+    assert out["final"]["loss_reg"] > 0

@@ -66,7 +66,8 @@ class RunSpec:
     ema_decay: float | None = None
     grad_clip: float | None = 1.0
     generator_input_time: float | None = None  # generator.first_input_time (SiD's sigma_init); < the first anchor
-    regression_weight: float = 0.0  # DMD (v1)'s regression on teacher ODE pairs (toy/gmm/regression.py); 1 step
+    regression_weight: float = 0.0  # DMD (v1)'s regression on teacher ODE pairs (toy/gmm/regression.py); K > 1
+    # steps: on the first anchor's (pure-noise) prediction
     regression_pairs: int = 65536
     anchors: tuple[float, ...] | None = None  # unit anchors; None = unit_anchors(steps) ([1, .75, .5, .25] at 4)
     label: str = ""
@@ -198,7 +199,8 @@ def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSe
         from .regression import install, load_or_make_pairs
 
         pairs = load_or_make_pairs(mixture, models.teacher.backbone, spec.regression_pairs, 32, pairs_cache)
-        install(method, pairs, spec.regression_weight, spec.batch_size, derive_seed(spec.seed, "gmm-regression"))
+        install(method, pairs, spec.regression_weight, spec.batch_size, derive_seed(spec.seed, "gmm-regression"),
+                first_anchor=spec.steps > 1)
     adapter = models.teacher.adapter
     data = MixtureBatches(mixture, adapter, spec.batch_size, spec.seed, real=spec.real_data)
     train = TrainConfig(steps=spec.iterations, batch_size=spec.batch_size, grad_clip=spec.grad_clip, seed=spec.seed,
