@@ -109,6 +109,11 @@ for m in ("senseflow", "dmd2"):
     _v(f"{m}-4-tin0.85-ttur1-ema", m, 4, **T85, method_overrides={"ttur": 1})  # and its G update every iteration
     # the 1-step lever on the first anchor: half the 4-step outliers are trails between modes, decided early
     _v(f"{m}-4-tin0.85-reg4-ema", m, 4, **T85, regression_weight=4.0)
+    # is the real score (the MLP backbone, itself too tight along the wide axes) what holds precision?
+    _v(f"{m}-4-tin0.85-exactteacher-ema", m, 4, **T85, teacher="exact")
+    # fake-score lag: twice the fake-score updates per G update (compare at equal G updates: 2x the iterations)
+    _v(f"{m}-4-tin0.85-ttur10-ema", m, 4, **T85, method_overrides={"ttur": 10})
+    _v(f"{m}-4-tin0.85-ttur20-ema", m, 4, **T85, method_overrides={"ttur": 20})
     _v(f"{m}-4-tin0.85-dmdlogn-ema", m, 4, **T85, method_overrides={
         "dmd_time": {"kind": "logit_normal", "mean": -1.0, "std": 1.0, "low": 0.02, "high": 0.98}})
 _v("dmd2-1-tin0.3-dmdlow", "dmd2", 1, generator_input_time=0.3, method_overrides={"dmd_time": LOW})
