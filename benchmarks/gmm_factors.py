@@ -114,6 +114,9 @@ for m in ("senseflow", "dmd2"):
     # fake-score lag: twice the fake-score updates per G update (compare at equal G updates: 2x the iterations)
     _v(f"{m}-4-tin0.85-ttur10-ema", m, 4, **T85, method_overrides={"ttur": 10})
     _v(f"{m}-4-tin0.85-ttur20-ema", m, 4, **T85, method_overrides={"ttur": 20})
+    # the sampler: deterministic Euler steps between anchors, in training (backward simulation) and evaluation
+    _v(f"{m}-4-tin0.85-euler-ema", m, 4, **T85, sampler="euler")
+    _v(f"{m}-4-euler-ema", m, 4, ema_decay=0.99, sampler="euler")
     _v(f"{m}-4-tin0.85-dmdlogn-ema", m, 4, **T85, method_overrides={
         "dmd_time": {"kind": "logit_normal", "mean": -1.0, "std": 1.0, "low": 0.02, "high": 0.98}})
 _v("dmd2-1-tin0.3-dmdlow", "dmd2", 1, generator_input_time=0.3, method_overrides={"dmd_time": LOW})

@@ -338,3 +338,29 @@ def test_cli_one_step_regression_reaches_only_1_step_dmd_students(tmp_path, caps
               "--one-step-regression", "4", "--out", str(out)])
     assert seen[1][0] == 4.0 and seen[4][0] == 0.0
     assert seen[1][1].parent == out and seen[1][1].suffix == ".safetensors"
+
+
+def test_euler_simulated_probe_steps_deterministically_between_anchors():
+    """RunSpec(sampler="euler"): backward simulation takes Euler steps (no fresh noise: any rng state gives the
+    same state at anchor k, equal to the hand-written chain) and the EMA copy keeps the probe's class."""
+    from senseflow.rng import RandomStreams
+    from senseflow.toy.gmm.run import EMA, EulerSimulated, RunSpec, build_models
+    from senseflow.toy.gmm.teacher import VelocityMLP
+
+    mix = GaussianMixture.random(dim=4, classes=2, modes_per_class=2, seed=0)
+    gen = build_models(mix, VelocityMLP(4, 2, width=16, depth=1), RunSpec(method="dmd2", steps=4,
+                                                                          sampler="euler")).generator
+    assert isinstance(gen, EulerSimulated) and isinstance(EMA(gen, 0.9).generator, EulerSimulated)
+    cond = GMMAdapter(mix).encode_prompts(["class 0", "class 1"])
+    noise = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    a = gen.simulate(noise, cond, 3, RandomStreams(0))
+    b = gen.simulate(noise, cond, 3, RandomStreams(1))
+    torch.testing.assert_close(a, b)
+    x = noise
+    with torch.no_grad():
+        for i in range(3):
+            t, t_next = gen.time(i, 2, "cpu"), gen.time(i + 1, 2, "cpu")
+            x = gen.step(x, gen(x, t, cond), t, t_next)
+    torch.testing.assert_close(a, x)
+    with pytest.raises(SenseflowError, match="sampler must be"):
+        build_models(mix, VelocityMLP(4, 2, width=16, depth=1), RunSpec(method="dmd2", steps=4, sampler="ddim"))

@@ -69,6 +69,7 @@ class RunSpec:
     regression_weight: float = 0.0  # DMD (v1)'s regression on teacher ODE pairs (toy/gmm/regression.py); K > 1
     # steps: on the first anchor's (pure-noise) prediction
     regression_pairs: int = 65536
+    sampler: str = "stochastic"  # "euler": a probe, not the released form (EulerSimulated)
     anchors: tuple[float, ...] | None = None  # unit anchors; None = unit_anchors(steps) ([1, .75, .5, .25] at 4)
     label: str = ""
 
@@ -147,11 +148,30 @@ def build_models(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec) -> D
     student = adapter.make_student(teacher_backbone).requires_grad_(True).train()
     gen_cfg = generator_config(spec)
     t_in = gen_cfg.first_input_time
-    generator = FewStepGenerator(Denoiser(student, adapter), unit_to_native(adapter.schedule, gen_cfg.anchors),
-                                 first_input_time=None if t_in is None else float(unit_to_native(adapter.schedule,
-                                                                                                  [t_in])[0]))
+    if spec.sampler not in ("stochastic", "euler"):
+        raise SenseflowError(f"gmm: sampler must be 'stochastic' or 'euler', got {spec.sampler!r}")
+    kind = EulerSimulated if spec.sampler == "euler" else FewStepGenerator
+    generator = kind(Denoiser(student, adapter), unit_to_native(adapter.schedule, gen_cfg.anchors),
+                     first_input_time=None if t_in is None else float(unit_to_native(adapter.schedule, [t_in])[0]))
     fake = Denoiser(adapter.make_fake_score(teacher_backbone).requires_grad_(True).train(), adapter)
     return DistillationModels(teacher=teacher, generator=generator, fake_score=fake)
+
+
+class EulerSimulated(FewStepGenerator):
+    """A probe of the sampler, not the released form: backward simulation -- and this runner's evaluation -- step
+    between anchors by deterministic Euler steps instead of re-noising each prediction with fresh noise (the
+    released DMD2 / SenseFlow trainers and ``FewStepGenerator.simulate``)."""
+
+    probe_sampler = "euler"
+
+    @torch.no_grad()
+    def simulate(self, noise: Tensor, cond, k: int, rng) -> Tensor:
+        if not 0 <= k < self.num_steps:
+            raise ValueError(f"k must be in 0..{self.num_steps - 1}, got {k}")
+        x = noise
+        for i in range(k):
+            x = self.advance(x, self(x, self.time(i, x.shape[0], x.device), cond), i, "euler", rng)
+        return x
 
 
 @torch.no_grad()
@@ -159,7 +179,7 @@ def sample_generator(generator: FewStepGenerator, ev: EvalSet) -> Tensor:
     was = generator.training
     generator.eval()
     g = torch.Generator().manual_seed(derive_seed(ev.seed, "gmm-sampler"))
-    x = generator.sample(ev.noise, ev.cond, sampler="stochastic", generator=g)
+    x = generator.sample(ev.noise, ev.cond, sampler=getattr(generator, "probe_sampler", "stochastic"), generator=g)
     generator.train(was)
     return x
 
@@ -178,8 +198,8 @@ class EMA:
         self.decay = decay
         self.source = generator.denoiser.backbone
         self.shadow = copy.deepcopy(self.source).requires_grad_(False)
-        self.generator = FewStepGenerator(Denoiser(self.shadow, generator.denoiser.adapter), generator.anchors,
-                                          first_input_time=generator.first_input_time)
+        self.generator = type(generator)(Denoiser(self.shadow, generator.denoiser.adapter), generator.anchors,
+                                         first_input_time=generator.first_input_time)
 
     @torch.no_grad()
     def update(self) -> None:
