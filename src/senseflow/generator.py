@@ -38,6 +38,10 @@ class FewStepGenerator(nn.Module):
     for forward diffusion of real latents see ``training_input(pure_first_anchor=...)``).
     """
 
+    #: how backward simulation steps between anchors: fresh noise, as the released trainers do
+    #: (a subclass may probe another sampler; the Gaussian-mixture runner's ``EulerSimulated``)
+    simulation_sampler: Sampler = "stochastic"
+
     def __init__(self, denoiser: Denoiser, anchors: Sequence[float] | Tensor,
                  first_input_time: float | None = None) -> None:
         """``first_input_time``: query the backbone at this native time for the first anchor, with the
@@ -121,13 +125,13 @@ class FewStepGenerator(nn.Module):
 
     @torch.no_grad()
     def simulate(self, noise: Tensor, cond: Conditioning, k: int, rng: RandomStreams) -> Tensor:
-        """Backward simulation: ``k`` no-grad stochastic steps from pure noise -> state at anchor ``k``."""
+        """Backward simulation: ``k`` no-grad ``simulation_sampler`` steps from pure noise -> state at anchor ``k``."""
         if not 0 <= k < self.num_steps:
             raise ValueError(f"k must be in 0..{self.num_steps - 1}, got {k}")
         x = noise
         for i in range(k):
             x0 = self(x, self.time(i, x.shape[0], x.device), cond)
-            x = self.advance(x, x0, i, "stochastic", rng)
+            x = self.advance(x, x0, i, self.simulation_sampler, rng)
         return x
 
     def training_input(self, cond: Conditioning, shape: tuple[int, ...], rng: RandomStreams,

@@ -160,18 +160,9 @@ def build_models(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec) -> D
 class EulerSimulated(FewStepGenerator):
     """A probe of the sampler, not the released form: backward simulation -- and this runner's evaluation -- step
     between anchors by deterministic Euler steps instead of re-noising each prediction with fresh noise (the
-    released DMD2 / SenseFlow trainers and ``FewStepGenerator.simulate``)."""
+    released DMD2 / SenseFlow trainers, ``FewStepGenerator.simulation_sampler``)."""
 
-    probe_sampler = "euler"
-
-    @torch.no_grad()
-    def simulate(self, noise: Tensor, cond, k: int, rng) -> Tensor:
-        if not 0 <= k < self.num_steps:
-            raise ValueError(f"k must be in 0..{self.num_steps - 1}, got {k}")
-        x = noise
-        for i in range(k):
-            x = self.advance(x, self(x, self.time(i, x.shape[0], x.device), cond), i, "euler", rng)
-        return x
+    simulation_sampler = "euler"
 
 
 @torch.no_grad()
@@ -179,7 +170,7 @@ def sample_generator(generator: FewStepGenerator, ev: EvalSet) -> Tensor:
     was = generator.training
     generator.eval()
     g = torch.Generator().manual_seed(derive_seed(ev.seed, "gmm-sampler"))
-    x = generator.sample(ev.noise, ev.cond, sampler=getattr(generator, "probe_sampler", "stochastic"), generator=g)
+    x = generator.sample(ev.noise, ev.cond, sampler=generator.simulation_sampler, generator=g)
     generator.train(was)
     return x
 
