@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from senseflow.toy.gmm.bench import load_or_fit_teacher
 from senseflow.toy.gmm.mixture import GaussianMixture
 from senseflow.toy.gmm.run import EvalSet, RunSpec, distil
-from senseflow.toy.gmm.teacher import GMMAdapter
+from senseflow.toy.gmm.teacher import GMMAdapter, VelocityMLP
 
 #: name -> (method, steps, changes to RunSpec).  Baselines are the toy recipes without CFG, distilling the MLP
 #: teacher (RunSpec default; `senseflow toy gmm` defaults to the exact one, = the `*-exactteacher` variants).
@@ -68,7 +69,7 @@ _v("senseflow-1-noida", "senseflow", 1, method_overrides={"ida": False})
 _v("senseflow-1-tin0.3-noisg", "senseflow", 1, generator_input_time=0.3, method_overrides={"isg_weight": 0.0})
 _v("senseflow-1-tin0.3-noida", "senseflow", 1, generator_input_time=0.3, method_overrides={"ida": False})
 _v("dmd2-1-lr1e-3-it3000", "dmd2", 1, lr_g=1e-3, lr_fake=1e-3, iterations=3000)
-# 1 step: G queried at an earlier time with the noise scaled to it (SiD's sigma_init; FewStepGenerator(first_input_time))
+# 1 step: G queried at an earlier time with the noise scaled to it (SiD's sigma_init; first_input_time)
 GAN = {"gan_head": {"enabled": True}}
 GAN10 = {"gan_head": {"enabled": True, "generator_weight": 5e-2, "classifier_weight": 1e-1}}  # 10x the released weights
 for m in ("senseflow", "dmd2", "sid"):
@@ -97,8 +98,8 @@ for m in ("senseflow", "dmd2"):
     _v(f"{m}-4-anchlow-ema", m, 4, anchors=(1.0, 0.6, 0.3, 0.1), ema_decay=0.99)
     _v(f"{m}-4-tin0.85-anchlow-ema", m, 4, anchors=(1.0, 0.6, 0.3, 0.1), generator_input_time=0.85, ema_decay=0.99)
 # 4 steps: the student is too wide along each mode's narrowest axes and too tight along its widest
-# (benchmarks/gmm_mode_shape.py).  Structure at the 0.05-0.15 scale of the components is only visible to
-# the DMD gradient at low noise (t <~ 0.15), which a uniform 0.02-0.98 DMD time reaches one draw in ten:
+# (--mode-shape).  Structure at the 0.05-0.15 scale of the components is resolved by the DMD gradient mainly
+# at low noise (t <~ 0.15), which a uniform 0.02-0.98 DMD time reaches one draw in ten:
 # put the DMD time (and the fake score's) at low noise
 LOW = {"kind": "uniform", "low": 0.02, "high": 0.3}
 for m in ("senseflow", "dmd2"):
@@ -166,23 +167,33 @@ def table(rows: list[dict[str, Any]]) -> str:
     return out
 
 
-def mode_shape_table(out: Path, width: int, fit_steps: int, law: str, eval_samples: int) -> str:
-    """``metrics.mode_shape`` of the backbone's own Euler samples and of each saved final sample in ``out/samples``
-    (raw weights, first seed): the per-axis spread inside the ellipsoids, axes ranked narrowest first."""
+def world(args: argparse.Namespace) -> tuple[GaussianMixture, VelocityMLP, EvalSet]:
+    """The study's mixture, its MLP backbone (``--teacher-*``, cached in runs/gmm) and the fixed evaluation draws."""
+    mixture = GaussianMixture.random(16, 4, 5, seed=0)
+    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3, args.teacher_fit_steps,
+                              time_law=args.teacher_law)
+    return mixture, mlp, EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
+
+
+def saved_samples(out: Path, strip: str) -> dict[str, Tensor]:
+    """The final samples in ``out/samples`` (first seed of each variant, raw weights), named by stem less ``strip``."""
     from safetensors.torch import load_file
 
+    return {f.stem.replace(strip, ""): load_file(str(f))["x"] for f in sorted((out / "samples").glob("*.safetensors"))}
+
+
+def mode_shape_table(args: argparse.Namespace) -> str:
+    """``metrics.mode_shape`` of the backbone's own Euler samples and of each saved final sample in ``out/samples``
+    (raw weights, first seed): the per-axis spread inside the ellipsoids, axes ranked narrowest first."""
     from senseflow.teachers.base import Guidance
     from senseflow.toy.gmm.metrics import mode_shape
     from senseflow.toy.gmm.run import teacher_samples
 
-    mixture = GaussianMixture.random(16, 4, 5, seed=0)
-    ev = EvalSet.make(mixture, GMMAdapter(mixture), eval_samples)
-    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), width, 3, fit_steps, time_law=law)
+    mixture, mlp, ev = world(args)
     rows = {"true samples": ev.reference}
     for n in (4, 8, 128):
         rows[f"backbone, Euler {n}"] = teacher_samples(mixture, mlp, n, ev, Guidance())
-    for f in sorted((out / "samples").glob("*.safetensors")):
-        rows[f.stem.replace(f"-w{width}-s{fit_steps}-{law}", "")] = load_file(str(f))["x"]
+    rows.update(saved_samples(Path(args.out), f"-w{args.teacher_width}-s{args.teacher_fit_steps}-{args.teacher_law}"))
     d = mixture.dim
     q = max(1, d // 4)
     text = (f"| samples | precision | narrowest {q} axes | middle {d - 2 * q} | widest {q} |\n"
@@ -246,23 +257,17 @@ def main() -> None:
         print(table_at(recs, args.table_at))
         return
     if args.mode_shape:
-        print(mode_shape_table(Path(args.out), args.teacher_width, args.teacher_fit_steps, args.teacher_law,
-                               args.eval_samples))
+        print(mode_shape_table(args))
         return
     if args.scatter:
-        from safetensors.torch import load_file
-        from senseflow.toy.gmm.bench import plot_scatter
-        mixture = GaussianMixture.random(16, 4, 5, seed=0)
-        ev = EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
-        panels = {"true samples": ev.reference.float()}
         from senseflow.teachers.base import Guidance
+        from senseflow.toy.gmm.bench import plot_scatter
         from senseflow.toy.gmm.run import teacher_samples
-        mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3,
-                                  args.teacher_fit_steps, time_law=args.teacher_law)
+        mixture, mlp, ev = world(args)
+        panels = {"true samples": ev.reference.float()}
         for n in (4, 128):
             panels[f"teacher MLP, Euler {n}"] = teacher_samples(mixture, mlp, n, ev, Guidance())
-        for f in sorted((Path(args.out) / "samples").glob("*.safetensors")):
-            panels[f.stem.replace("-w256-s6000-logit_normal", "")] = load_file(str(f))["x"]
+        panels.update(saved_samples(Path(args.out), "-w256-s6000-logit_normal"))
         plot_scatter(mixture, panels, ev.labels, Path(args.scatter))
         print(f"wrote {args.scatter} ({', '.join(panels)})")
         return
@@ -288,12 +293,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mixture = GaussianMixture.random(16, 4, 5, seed=0)
-    mlp = load_or_fit_teacher(mixture, "D16_C4_M5_s0", Path("runs/gmm"), args.teacher_width, 3, args.teacher_fit_steps,
-                              time_law=args.teacher_law)
+    mixture, mlp, ev = world(args)
     backbone_tag = "" if (args.teacher_width, args.teacher_fit_steps, args.teacher_law) == (128, 2000, "logit_normal") \
         else f"-w{args.teacher_width}-s{args.teacher_fit_steps}-{args.teacher_law}"
-    ev = EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
     if backbone_tag:  # the capacity factor: how good is the backbone itself?
         from senseflow.teachers.base import Guidance
         from senseflow.toy.gmm.run import teacher_samples
