@@ -120,6 +120,24 @@ for m in ("senseflow", "dmd2"):
     _v(f"{m}-4-euler-ema", m, 4, ema_decay=0.99, sampler="euler")
     _v(f"{m}-4-tin0.85-dmdlogn-ema", m, 4, **T85, method_overrides={
         "dmd_time": {"kind": "logit_normal", "mean": -1.0, "std": 1.0, "low": 0.02, "high": 0.98}})
+# 4 steps: every anchor's x0 output is scored by DMD and trains the fake score, so the fake score models a mixture
+# of the four anchors' outputs and the last anchor may compensate for the earlier ones (the 4-step students' mode
+# centres sit 0.13-0.22 from the true means, the 1-step students' 0.07): train the last anchor only
+for m in ("senseflow", "dmd2"):
+    _v(f"{m}-4-last-ema", m, 4, ema_decay=0.99, trained_anchors=(3,))
+    _v(f"{m}-4-tin0.85-last-ema", m, 4, generator_input_time=0.85, ema_decay=0.99, trained_anchors=(3,))
+    _v(f"{m}-4-last2-ema", m, 4, ema_decay=0.99, trained_anchors=(2, 3))
+# ... or keep every anchor trained and give each its own fake score (AnchorFakeScores; SenseFlow without IDA,
+# whose parameter blend pairs one fake score with G)
+_v("dmd2-4-fakeperanchor-ema", "dmd2", 4, ema_decay=0.99, fake_per_anchor=True)
+_v("dmd2-4-fakeperanchor-ttur20-ema", "dmd2", 4, ema_decay=0.99, fake_per_anchor=True, method_overrides={"ttur": 20})
+_v("senseflow-4-noida-fakeperanchor-ema", "senseflow", 4, ema_decay=0.99, fake_per_anchor=True,
+   method_overrides={"ida": False})
+# a constant lr leaves Adam's jitter in G and in the fake score (the backbone was fitted with a cosine decay to 0)
+for m in ("senseflow", "dmd2"):
+    _v(f"{m}-4-cosine-ema", m, 4, ema_decay=0.99, lr_schedule="cosine")
+    _v(f"{m}-4-tin0.85-cosine-ema", m, 4, generator_input_time=0.85, ema_decay=0.99, lr_schedule="cosine")
+_v("senseflow-4-noida-ema", "senseflow", 4, ema_decay=0.99, method_overrides={"ida": False})
 _v("dmd2-1-tin0.3-dmdlow", "dmd2", 1, generator_input_time=0.3, method_overrides={"dmd_time": LOW})
 _v("dmd2-1-tin0.3-dmdlow-fakelow", "dmd2", 1, generator_input_time=0.3,
    method_overrides={"dmd_time": LOW, "fake_time": LOW})
@@ -182,18 +200,27 @@ def saved_samples(out: Path, strip: str) -> dict[str, Tensor]:
     return {f.stem.replace(strip, ""): load_file(str(f))["x"] for f in sorted((out / "samples").glob("*.safetensors"))}
 
 
-def mode_shape_table(args: argparse.Namespace) -> str:
-    """``metrics.mode_shape`` of the backbone's own Euler samples and of each saved final sample in ``out/samples``
-    (raw weights, first seed): the per-axis spread inside the ellipsoids, axes ranked narrowest first."""
+def sample_rows(args: argparse.Namespace) -> tuple[GaussianMixture, EvalSet, dict[str, Tensor]]:
+    """True samples, the backbone's own Euler 4/8/128 samples and the saved final samples (raw weights, first seed)
+    of every folder in the comma-separated ``--out``, on the study's fixed evaluation draws."""
     from senseflow.teachers.base import Guidance
-    from senseflow.toy.gmm.metrics import mode_shape
     from senseflow.toy.gmm.run import teacher_samples
 
     mixture, mlp, ev = world(args)
     rows = {"true samples": ev.reference}
     for n in (4, 8, 128):
         rows[f"backbone, Euler {n}"] = teacher_samples(mixture, mlp, n, ev, Guidance())
-    rows.update(saved_samples(Path(args.out), f"-w{args.teacher_width}-s{args.teacher_fit_steps}-{args.teacher_law}"))
+    for out in args.out.split(","):
+        rows.update(saved_samples(Path(out), f"-w{args.teacher_width}-s{args.teacher_fit_steps}-{args.teacher_law}"))
+    return mixture, ev, rows
+
+
+def mode_shape_table(args: argparse.Namespace) -> str:
+    """``metrics.mode_shape`` of :func:`sample_rows`: the per-axis spread inside the ellipsoids, axes ranked
+    narrowest first."""
+    from senseflow.toy.gmm.metrics import mode_shape
+
+    mixture, ev, rows = sample_rows(args)
     d = mixture.dim
     q = max(1, d // 4)
     text = (f"| samples | precision | narrowest {q} axes | middle {d - 2 * q} | widest {q} |\n"
@@ -203,6 +230,20 @@ def mode_shape_table(args: argparse.Namespace) -> str:
         prec = ev.score(mixture, x)["precision"]
         text += (f"| {name} | {prec:.3f} | {float(prof[:q].mean()):.2f} | {float(prof[q:d - q].mean()):.2f} | "
                  f"{float(prof[d - q:].mean()):.2f} |\n")
+    return text
+
+
+def outlier_table(args: argparse.Namespace) -> str:
+    """``metrics.outlier_profile`` of :func:`sample_rows`: where the imprecise samples are (near the edge of a
+    mode, or stranded between two) and how far the modes' centres sit from the true ones."""
+    from senseflow.toy.gmm.metrics import outlier_profile
+
+    mixture, ev, rows = sample_rows(args)
+    keys = ("outside", "near", "far", "trail", "centre_offset", "narrow_offset2", "narrow_var")
+    text = "| samples | " + " | ".join(keys) + " |\n| --- |" + " ---: |" * len(keys) + "\n"
+    for name, x in rows.items():
+        prof = outlier_profile(mixture, x, ev.labels)
+        text += f"| {name} | " + " | ".join(f"{prof[k]:.3f}" for k in keys) + " |\n"
     return text
 
 
@@ -241,8 +282,12 @@ def main() -> None:
     p.add_argument("--curves", default=None, metavar="PNG",
                    help="train nothing: plot the curves (mean over seeds) of the recorded runs in <out>/factors.jsonl")
     p.add_argument("--mode-shape", action="store_true",
-                   help="train nothing: per-axis spread of the saved final samples in <out>/samples and of the "
+                   help="train nothing: per-axis spread of the saved final samples in <out>/samples (--out: comma-separated "
+                        "folders) and of the "
                         "backbone's Euler 4/8/128 samples (metrics.mode_shape), narrowest axes first")
+    p.add_argument("--outliers", action="store_true",
+                   help="train nothing: where the imprecise samples of --mode-shape's rows lie (metrics.outlier_profile):"
+                        " near a mode's edge or stranded between two modes, and the modes' centre offsets")
     p.add_argument("--scatter", default=None, metavar="PNG",
                    help="train nothing: plot the saved final samples in <out>/samples (first seed of each variant)")
     p.add_argument("--table-at", type=int, default=None, metavar="ITERATION",
@@ -258,6 +303,9 @@ def main() -> None:
         return
     if args.mode_shape:
         print(mode_shape_table(args))
+        return
+    if args.outliers:
+        print(outlier_table(args))
         return
     if args.scatter:
         from senseflow.teachers.base import Guidance

@@ -7,7 +7,7 @@ SenseFlow, SiD) trains exactly the sampler users will run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,11 @@ class FewStepGenerator(nn.Module):
     #: how backward simulation steps between anchors: fresh noise, as the released trainers do
     #: (a subclass may probe another sampler; the Gaussian-mixture runner's ``EulerSimulated``)
     simulation_sampler: Sampler = "stochastic"
+    #: the anchor indices a training input is drawn from, uniformly; ``None`` = every anchor, as the released
+    #: trainers do (a probe may train only some: the Gaussian-mixture runner's ``RunSpec.trained_anchors``)
+    trained_anchors: tuple[int, ...] | None = None
+    #: called with each training input's anchor index (a probe's hook: the mixture runner's per-anchor fake scores)
+    anchor_listener: Callable[[int], None] | None = None
 
     def __init__(self, denoiser: Denoiser, anchors: Sequence[float] | Tensor,
                  first_input_time: float | None = None) -> None:
@@ -146,7 +151,10 @@ class FewStepGenerator(nn.Module):
         diffuses the real latents to the first anchor (SDXL 999: ``0.068 x0 + 0.998 eps``).
         """
         n = shape[0]
-        k = rng.shared_randint(0, self.num_steps)
+        if self.trained_anchors is None:
+            k = rng.shared_randint(0, self.num_steps)
+        else:
+            k = self.trained_anchors[rng.shared_randint(0, len(self.trained_anchors))]
         use_backward = real_x0 is None or rng.shared_uniform() < backward_probability
         noise = rng.randn(shape, dtype=dtype)
         if use_backward:
@@ -155,5 +163,7 @@ class FewStepGenerator(nn.Module):
             x_t = noise
         else:
             x_t = self.schedule.add_noise(real_x0.to(noise.dtype), noise, self.time(k, n, noise.device))
+        if self.anchor_listener is not None:
+            self.anchor_listener(k)
         return GeneratorInput(x_t=x_t, index=k, t=self.time(k, n, x_t.device), t_next=self.time(k + 1, n, x_t.device),
                               backward_simulated=use_backward)

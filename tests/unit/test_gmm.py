@@ -364,3 +364,86 @@ def test_euler_simulated_probe_steps_deterministically_between_anchors():
     torch.testing.assert_close(a, x)
     with pytest.raises(SenseflowError, match="sampler must be"):
         build_models(mix, VelocityMLP(4, 2, width=16, depth=1), RunSpec(method="dmd2", steps=4, sampler="ddim"))
+
+
+def test_trained_anchors_probe_draws_only_the_listed_anchors():
+    """RunSpec(trained_anchors=(3,)): every training input sits at the last anchor; the default draws all four;
+    an index outside the anchors is refused when the models are built."""
+    from senseflow.rng import RandomStreams
+    from senseflow.toy.gmm.run import RunSpec, build_models
+    from senseflow.toy.gmm.teacher import VelocityMLP
+
+    mix = GaussianMixture.random(dim=4, classes=2, modes_per_class=2, seed=0)
+    mlp = VelocityMLP(4, 2, width=16, depth=1)
+    cond = GMMAdapter(mix).encode_prompts(["class 0", "class 1"])
+    drawn = {}
+    for anchors in (None, (3,)):
+        gen = build_models(mix, mlp, RunSpec(method="dmd2", steps=4, trained_anchors=anchors)).generator
+        rng = RandomStreams(0)
+        drawn[anchors] = {gen.training_input(cond, (2, 4), rng).index for _ in range(40)}
+    assert drawn[None] == {0, 1, 2, 3} and drawn[(3,)] == {3}
+    with pytest.raises(SenseflowError, match="trained_anchors"):
+        build_models(mix, mlp, RunSpec(method="dmd2", steps=4, trained_anchors=(4,)))
+
+
+def test_fake_per_anchor_probe_routes_each_anchor_to_its_own_copy():
+    """RunSpec(fake_per_anchor=True): K equal copies of the fake score; the copy in use is the one of the last
+    training input's anchor, and a loss through it moves that copy's weights only.  IDA (a blend of ONE fake
+    score with G) is refused with it."""
+    from senseflow.rng import RandomStreams
+    from senseflow.toy.gmm.run import AnchorFakeScores, RunSpec, build_models
+    from senseflow.toy.gmm.teacher import VelocityMLP
+
+    mix = GaussianMixture.random(dim=4, classes=2, modes_per_class=2, seed=0)
+    mlp = VelocityMLP(4, 2, width=16, depth=1)
+    models = build_models(mix, mlp, RunSpec(method="dmd2", steps=4, fake_per_anchor=True))
+    fake = models.fake_score.backbone
+    assert isinstance(fake, AnchorFakeScores) and len(fake.copies) == 4
+    for c in fake.copies:
+        torch.testing.assert_close(dict(c.named_parameters()), dict(mlp.named_parameters()))
+    cond = GMMAdapter(mix).encode_prompts(["class 0", "class 1"])
+    rng = RandomStreams(0)
+    seen = set()
+    for _ in range(30):
+        gin = models.generator.training_input(cond, (2, 4), rng)
+        assert fake.current == gin.index
+        if gin.index in seen:
+            continue
+        seen.add(gin.index)
+        fake.zero_grad(set_to_none=True)
+        models.fake_score(gin.x_t, gin.t, cond).square().sum().backward()
+        for i, c in enumerate(fake.copies):
+            has_grad = any(p.grad is not None for p in c.parameters())
+            assert has_grad == (i == gin.index)
+    assert seen == {0, 1, 2, 3}
+    with pytest.raises(SenseflowError, match="fake_per_anchor"):
+        build_models(mix, mlp, RunSpec(method="senseflow", steps=4, fake_per_anchor=True))
+
+
+def test_outlier_profile_separates_displaced_modes_from_wide_ones_and_trails():
+    """True samples: ~1% outside, nothing far, centre offsets at sampling noise, narrow axes at 1.  Every mode
+    moved by half a std along its narrowest axis reads narrow_offset2 ~ 0.25 (q = 1 of 4 axes) with the
+    variance still 1; samples put on the segments between two modes of a class are far and all trails."""
+    from senseflow.toy.gmm.metrics import outlier_profile
+
+    mix = GaussianMixture.random(dim=4, classes=2, modes_per_class=2, seed=0, spread=3.0)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    labels = mix.sample_labels(n, g)
+    comp = torch.randint(0, 2, (n,), generator=g)
+    lam, vecs, mu = mix.eigvals[labels, comp], mix.eigvecs[labels, comp], mix.means[labels, comp]
+    eps = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    x = mu + torch.einsum("nde,ne->nd", vecs, lam.sqrt() * eps)
+    true = outlier_profile(mix, x, labels)
+    assert true["outside"] == pytest.approx(0.01, abs=0.004) and true["far"] < 0.001
+    assert true["centre_offset"] < 0.02 and true["narrow_offset2"] < 0.01
+    assert true["narrow_var"] == pytest.approx(1.0, abs=0.05)
+    narrow = lam.argmin(1)
+    shift = 0.5 * vecs[torch.arange(n), :, narrow] * lam[torch.arange(n), narrow].sqrt()[:, None]
+    moved = outlier_profile(mix, x + shift, labels)
+    assert moved["narrow_offset2"] == pytest.approx(0.25, abs=0.03)
+    assert moved["narrow_var"] == pytest.approx(1.0, abs=0.05)
+    assert moved["centre_offset"] > 5 * true["centre_offset"]
+    between = 0.5 * (mix.means[labels, 0] + mix.means[labels, 1])
+    stranded = outlier_profile(mix, between, labels)
+    assert stranded["far"] == 1.0 and stranded["trail"] == 1.0

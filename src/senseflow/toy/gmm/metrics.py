@@ -123,3 +123,68 @@ def mode_shape(mixture: GaussianMixture, samples: Tensor, labels: Tensor, inside
     if inside_only:
         ranked = ranked[per_axis.sum(1) <= float(chi2.ppf(0.99, mixture.dim))]
     return ranked.mean(0) if len(ranked) else torch.full((mixture.dim,), float("nan"), dtype=torch.float64)
+
+
+def outlier_profile(mixture: GaussianMixture, samples: Tensor, labels: Tensor, far: float = 2.0,
+                    min_samples: int = 50) -> dict[str, float]:
+    """Where the imprecise samples are, and what is wrong with the modes that hold the precise ones.
+
+    Why: ``precision`` counts samples outside every 99% ellipsoid of their class, and ``mode_shape``
+    says which axes are too wide, but neither tells a mode displaced from its true centre from one too
+    wide around it, nor a sample that slipped past the edge of a mode from one stranded between two.
+    Each sample is assigned to its class's nearest component (Mahalanobis^2 ``m2``; ``thr`` = the
+    chi^2_D 99% threshold):
+
+    * ``outside``: share with ``m2 > thr`` (1 - precision, up to ellipsoid overlaps); ``near``: with
+      ``thr < m2 <= far * thr``; ``far``: beyond;
+    * ``trail``: of the ``far`` samples, the share whose projection on the segment from their nearest
+      component's mean to the second nearest's falls strictly inside it (10%-90%): stranded between
+      two modes, the smear of a continuous map across a basin boundary;
+    * over the (class, mode) pairs holding >= ``min_samples`` samples with ``m2 <= far * thr``:
+      ``centre_offset``, the mean Euclidean distance of their sample mean from the true mean, and, along
+      the component's 25% narrowest eigen-axes in units of each axis's true variance, ``narrow_offset2``
+      (the squared whitened offset of the mean) and ``narrow_var`` (the whitened variance around the
+      sample mean): ``mode_shape``'s narrow-axis excess is ``narrow_offset2 + narrow_var`` roughly.
+    """
+    x = samples.detach().to(torch.float64).cpu()
+    labels = labels.long().cpu()
+    n, d = x.shape
+    rows = torch.arange(n)
+    thr = float(chi2.ppf(0.99, mixture.dim))
+    _, z, var, _ = mixture._component_terms(x, 0.0)
+    m2 = (z * z / var)[rows, labels].sum(-1)  # [N, M]
+    order = m2.argsort(dim=1)
+    nearest, second = order[:, 0], order[:, 1]
+    d1 = m2[rows, nearest]
+    is_far = d1 > far * thr
+    mu = mixture.means.to(torch.float64)
+    ma, mb = mu[labels, nearest], mu[labels, second]
+    along = ((x - ma) * (mb - ma)).sum(1) / ((mb - ma) ** 2).sum(1)
+    trail = is_far & (along > 0.1) & (along < 0.9)
+    q = max(1, d // 4)
+    offsets, narrow_off, narrow_var = [], [], []
+    for c in range(mixture.num_classes):
+        for m in range(mixture.modes_per_class):
+            sel = (labels == c) & (nearest == m) & ~is_far
+            if int(sel.sum()) < max(2, min_samples):
+                continue
+            lam = mixture.eigvals[c, m].to(torch.float64)
+            narrow = lam.argsort()[:q]
+            zc = z[rows[sel], c, m][:, narrow] / lam[narrow].sqrt()
+            offsets.append(float((x[sel].mean(0) - mu[c, m]).norm()))
+            narrow_off.append(float(zc.mean(0).pow(2).mean()))
+            narrow_var.append(float(zc.var(0).mean()))
+
+    def mean(v: list[float]) -> float:
+        return sum(v) / len(v) if v else float("nan")
+
+    n_far = int(is_far.sum())
+    return {
+        "outside": float((d1 > thr).double().mean()),
+        "near": float(((d1 > thr) & ~is_far).double().mean()),
+        "far": n_far / n,
+        "trail": float(trail.sum()) / n_far if n_far else float("nan"),
+        "centre_offset": mean(offsets),
+        "narrow_offset2": mean(narrow_off),
+        "narrow_var": mean(narrow_var),
+    }

@@ -11,6 +11,7 @@ without touching the trainer.
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from ...sampling import sample_ode
 from ...schedules import anchors as unit_to_native
 from ...teachers.base import Conditioning, Denoiser, SenseflowError, freeze
 from ...train.trainer import Trainer, TrainerHooks
-from .metrics import evaluate
+from .metrics import evaluate, outlier_profile
 from .mixture import GaussianMixture
 from .teacher import ExactVelocity, GMMAdapter, VelocityMLP, class_prompt
 
@@ -71,6 +72,15 @@ class RunSpec:
     regression_pairs: int = 65536
     sampler: str = "stochastic"  # "euler": a probe, not the released form (EulerSimulated)
     anchors: tuple[float, ...] | None = None  # unit anchors; None = unit_anchors(steps) ([1, .75, .5, .25] at 4)
+    # a probe, not the released form: the anchor indices G's training inputs are drawn from (None = all; (K-1,) =
+    # the last only, so the fake score models the final samples rather than a mixture of every anchor's outputs)
+    trained_anchors: tuple[int, ...] | None = None
+    # a probe, not the released form: one fake score per anchor, each trained on (and scoring) only the x0 outputs
+    # of its own anchor -- the released trainers share one fake score across the anchors (AnchorFakeScores)
+    fake_per_anchor: bool = False
+    # "cosine": every optimiser's lr follows a half cosine from its value to 0 over the run (the backbone's own fit
+    # does; the toy recipes keep it constant); "constant": as the recipes
+    lr_schedule: str = "constant"
     label: str = ""
 
     def method_config(self):
@@ -153,8 +163,37 @@ def build_models(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec) -> D
     kind = EulerSimulated if spec.sampler == "euler" else FewStepGenerator
     generator = kind(Denoiser(student, adapter), unit_to_native(adapter.schedule, gen_cfg.anchors),
                      first_input_time=None if t_in is None else float(unit_to_native(adapter.schedule, [t_in])[0]))
-    fake = Denoiser(adapter.make_fake_score(teacher_backbone).requires_grad_(True).train(), adapter)
+    if spec.trained_anchors is not None:
+        if not spec.trained_anchors or any(not 0 <= k < spec.steps for k in spec.trained_anchors):
+            raise SenseflowError(f"gmm: trained_anchors must be indices in 0..{spec.steps - 1}, got "
+                                 f"{spec.trained_anchors}")
+        generator.trained_anchors = tuple(spec.trained_anchors)
+    fake_backbone = adapter.make_fake_score(teacher_backbone)
+    if spec.fake_per_anchor:
+        if spec.sampler != "stochastic" or spec.method == "sid" or spec.method_overrides.get("ida", True) and \
+                spec.method == "senseflow":
+            raise SenseflowError("gmm: fake_per_anchor probes DMD2 (or SenseFlow with ida=False), stochastic sampler")
+        fake_backbone = AnchorFakeScores(fake_backbone, spec.steps)
+        generator.anchor_listener = fake_backbone.select
+    fake = Denoiser(fake_backbone.requires_grad_(True).train(), adapter)
     return DistillationModels(teacher=teacher, generator=generator, fake_score=fake)
+
+
+class AnchorFakeScores(nn.Module):
+    """A probe, not the released form: ``K`` copies of the fake score, the one in use chosen by the anchor of the
+    batch's generator input (drawn once per batch).  The released trainers train ONE fake score on the x0 outputs
+    of every anchor, so it models their mixture, and the DMD gradient of each anchor's outputs sees the others'."""
+
+    def __init__(self, backbone: nn.Module, steps: int) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copy.deepcopy(backbone) for _ in range(steps))
+        self.current = 0
+
+    def select(self, index: int) -> None:
+        self.current = index
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.copies[self.current](*args, **kwargs)
 
 
 class EulerSimulated(FewStepGenerator):
@@ -166,13 +205,26 @@ class EulerSimulated(FewStepGenerator):
 
 
 @torch.no_grad()
-def sample_generator(generator: FewStepGenerator, ev: EvalSet) -> Tensor:
+def sample_generator(generator: FewStepGenerator, ev: EvalSet, num_steps: int | None = None) -> Tensor:
+    """The student's samples on the fixed evaluation draws; ``num_steps`` < K: the x0 prediction at anchor
+    ``num_steps - 1`` of the same chain (the sampler's noise is drawn in the same order)."""
     was = generator.training
     generator.eval()
     g = torch.Generator().manual_seed(derive_seed(ev.seed, "gmm-sampler"))
-    x = generator.sample(ev.noise, ev.cond, sampler=generator.simulation_sampler, generator=g)
+    x = generator.sample(ev.noise, ev.cond, sampler=generator.simulation_sampler, generator=g, num_steps=num_steps)
     generator.train(was)
     return x
+
+
+def anchor_outputs(mixture: GaussianMixture, generator: FewStepGenerator, ev: EvalSet) -> list[dict[str, float]]:
+    """Each anchor's x0 prediction along the evaluation chain, scored and profiled (``metrics.outlier_profile``):
+    where in the K steps samples get stranded between modes or displaced.  Backward simulation trains every one
+    of them as a sample of the data (the DMD loss scores the x0 output of a random anchor)."""
+    rows = []
+    for k in range(1, generator.num_steps + 1):
+        x = sample_generator(generator, ev, num_steps=k)
+        rows.append({"anchor": k - 1, **ev.score(mixture, x), **outlier_profile(mixture, x, ev.labels)})
+    return rows
 
 
 @torch.no_grad()
@@ -225,7 +277,15 @@ def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSe
     history: list[dict[str, float]] = [{"iteration": 0, **ev.score(mixture, sample_generator(models.generator, ev))}]
     ema_history: list[dict[str, float]] = []
 
+    if spec.lr_schedule not in ("constant", "cosine"):
+        raise SenseflowError(f"gmm: lr_schedule must be 'constant' or 'cosine', got {spec.lr_schedule!r}")
+
     def on_step(trainer: Trainer, step: int) -> None:
+        if spec.lr_schedule == "cosine":
+            scale = 0.5 * (1.0 + math.cos(math.pi * min(step, spec.iterations) / spec.iterations))
+            for opt in trainer.optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = group.setdefault("initial_lr", group["lr"]) * scale
         if ema is not None:
             ema.update()
         if step % eval_every == 0 or step == spec.iterations:
@@ -241,9 +301,11 @@ def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSe
         trainer = Trainer(method, data, train, optim, Path(run_dir or tmp), RandomStreams(spec.seed),
                           torch.device("cpu"), samples=None, hooks=TrainerHooks(on_step=[on_step]))
         trainer.fit()
-    out: dict[str, Any] = {"spec": spec.__dict__, "history": history, "final": history[-1]}
+    out: dict[str, Any] = {"spec": spec.__dict__, "history": history, "final": history[-1],
+                           "final_anchors": anchor_outputs(mixture, models.generator, ev)}
     if ema is not None:
         out["ema_history"] = ema_history
         out["final_ema"] = ema_history[-1]
+        out["final_ema_anchors"] = anchor_outputs(mixture, ema.generator, ev)
     out["generator"] = models.generator
     return out
