@@ -447,3 +447,16 @@ def test_outlier_profile_separates_displaced_modes_from_wide_ones_and_trails():
     between = 0.5 * (mix.means[labels, 0] + mix.means[labels, 1])
     stranded = outlier_profile(mix, between, labels)
     assert stranded["far"] == 1.0 and stranded["trail"] == 1.0
+
+
+def test_cosine_lr_probe_decays_from_the_start_lr_to_zero_and_refuses_other_schedules():
+    from senseflow.toy.gmm.run import EvalSet, RunSpec, cosine_scale, distil
+    from senseflow.toy.gmm.teacher import VelocityMLP
+
+    assert cosine_scale(0, 100) == 1.0 and cosine_scale(50, 100) == pytest.approx(0.5)
+    assert cosine_scale(100, 100) == pytest.approx(0.0, abs=1e-12) and cosine_scale(150, 100) == pytest.approx(0.0)
+    mix = GaussianMixture.random(dim=4, classes=2, modes_per_class=2, seed=0)
+    ev = EvalSet.make(mix, GMMAdapter(mix), n=40)
+    with pytest.raises(SenseflowError, match="lr_schedule"):
+        distil(mix, VelocityMLP(4, 2, width=16, depth=1), RunSpec(method="dmd2", steps=1, iterations=1,
+                                                                  lr_schedule="step"), ev)

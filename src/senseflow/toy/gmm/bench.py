@@ -163,6 +163,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr-g", type=float, default=1e-4)
     p.add_argument("--lr-fake", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: every optimiser's lr decays along a half cosine to 0 over --iterations (docs/"
+                        "ground_truth.md, fifth session: it settles the 4-step mode weights); constant: the recipes'")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--teacher", choices=("mlp", "exact"), default="exact",
                    help="mlp: distil the network teacher; exact: the analytic posterior is the teacher")
@@ -272,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
                        lr_fake=args.lr_fake, seed=s, teacher=args.teacher, method_overrides=_for_method(m, overrides),
                        real_data=args.real_data, ema_decay=args.ema,
                        generator_input_time=args.one_step_input_time if k == 1 else args.multi_step_input_time,
-                       regression_weight=args.one_step_regression if k == 1 else 0.0)
+                       regression_weight=args.one_step_regression if k == 1 else 0.0, lr_schedule=args.lr_schedule)
         pairs = out / (f"pairs_{key}_w{args.teacher_width}_d{args.teacher_depth}_s{args.teacher_train_steps}_"
                        f"{args.teacher_law}_{args.teacher}_n{spec.regression_pairs}_e32.safetensors")
         res = distil(mixture, mlp, spec, ev, eval_every=args.eval_every, pairs_cache=pairs)

@@ -250,6 +250,11 @@ class EMA:
             s.lerp_(p, 1.0 - self.decay)
 
 
+def cosine_scale(step: int, total: int) -> float:
+    """Half-cosine lr factor after ``step`` of ``total`` steps: 1 at the start, 0 after the last."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
 def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSet, eval_every: int = 250,
            progress: bool = False, run_dir: Path | None = None, pairs_cache: Path | None = None) -> dict[str, Any]:
     """Train one student; returns ``{"spec", "history": [{"iteration", metrics...}], "final", "final_ema"}``.
@@ -281,11 +286,10 @@ def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSe
         raise SenseflowError(f"gmm: lr_schedule must be 'constant' or 'cosine', got {spec.lr_schedule!r}")
 
     def on_step(trainer: Trainer, step: int) -> None:
-        if spec.lr_schedule == "cosine":
-            scale = 0.5 * (1.0 + math.cos(math.pi * min(step, spec.iterations) / spec.iterations))
+        if spec.lr_schedule == "cosine":  # the lr of the NEXT step
             for opt in trainer.optimizers.values():
                 for group in opt.param_groups:
-                    group["lr"] = group.setdefault("initial_lr", group["lr"]) * scale
+                    group["lr"] = group.setdefault("initial_lr", group["lr"]) * cosine_scale(step, spec.iterations)
         if ema is not None:
             ema.update()
         if step % eval_every == 0 or step == spec.iterations:
