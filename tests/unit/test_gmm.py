@@ -138,16 +138,22 @@ def test_metrics_floor_hand_values_and_shift(one_thread):
     assert one["mode_tv"] == pytest.approx(float(1 - mix.weights[:, 0].mean()), abs=1e-12)  # mean over classes
 
 
+def _per_component_draws(mix: GaussianMixture, n: int, seed: int = 0):
+    """Labels, the component of each draw, its eigenvalues / eigenvectors / mean, and standard normals
+    ``[n, D]``: true samples are ``mu + vecs @ (sqrt(lam) * eps)``, per-axis edits scale ``eps``."""
+    g = torch.Generator().manual_seed(seed)
+    labels = mix.sample_labels(n, g)
+    comp = torch.randint(0, mix.modes_per_class, (n,), generator=g)
+    lam, vecs, mu = mix.eigvals[labels, comp], mix.eigvecs[labels, comp], mix.means[labels, comp]
+    eps = torch.randn(n, mix.dim, generator=g, dtype=torch.float64)
+    return labels, lam, vecs, mu, eps
+
+
 def test_mode_shape_is_one_on_true_samples_and_sees_each_axis_scaled():
     """Samples built per component along its eigen-axes: scaling the narrowest axis by 2 and the widest by 0.5
     shows as 4 and 0.25 at the two ends of the ranked profile, the rest at 1."""
     mix = GaussianMixture.random(dim=6, classes=2, modes_per_class=2, seed=0, spread=2.0)
-    g = torch.Generator().manual_seed(0)
-    n = 20000
-    labels = mix.sample_labels(n, g)
-    comp = torch.randint(0, 2, (n,), generator=g)
-    lam, vecs, mu = mix.eigvals[labels, comp], mix.eigvecs[labels, comp], mix.means[labels, comp]
-    eps = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    labels, lam, vecs, mu, eps = _per_component_draws(mix, 20000)
 
     def draw(scale_narrow: float, scale_wide: float) -> torch.Tensor:
         s = torch.ones_like(lam)
@@ -427,12 +433,8 @@ def test_outlier_profile_separates_displaced_modes_from_wide_ones_and_trails():
     from senseflow.toy.gmm.metrics import outlier_profile
 
     mix = GaussianMixture.random(dim=4, classes=2, modes_per_class=2, seed=0, spread=3.0)
-    g = torch.Generator().manual_seed(0)
     n = 20000
-    labels = mix.sample_labels(n, g)
-    comp = torch.randint(0, 2, (n,), generator=g)
-    lam, vecs, mu = mix.eigvals[labels, comp], mix.eigvecs[labels, comp], mix.means[labels, comp]
-    eps = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    labels, lam, vecs, mu, eps = _per_component_draws(mix, n)
     x = mu + torch.einsum("nde,ne->nd", vecs, lam.sqrt() * eps)
     true = outlier_profile(mix, x, labels)
     assert true["outside"] == pytest.approx(0.01, abs=0.004) and true["far"] < 0.001
