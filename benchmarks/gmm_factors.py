@@ -193,6 +193,13 @@ def world(args: argparse.Namespace) -> tuple[GaussianMixture, VelocityMLP, EvalS
     return mixture, mlp, EvalSet.make(mixture, GMMAdapter(mixture), args.eval_samples)
 
 
+def backbone_tag(args: argparse.Namespace) -> str:
+    """The suffix of run names and sample files for a backbone other than the first session's width 128 / 2000 steps."""
+    if (args.teacher_width, args.teacher_fit_steps, args.teacher_law) == (128, 2000, "logit_normal"):
+        return ""
+    return f"-w{args.teacher_width}-s{args.teacher_fit_steps}-{args.teacher_law}"
+
+
 def saved_samples(out: Path, strip: str) -> dict[str, Tensor]:
     """The final samples in ``out/samples`` (first seed of each variant, raw weights), named by stem less ``strip``."""
     from safetensors.torch import load_file
@@ -211,7 +218,7 @@ def sample_rows(args: argparse.Namespace) -> tuple[GaussianMixture, EvalSet, dic
     for n in (4, 8, 128):
         rows[f"backbone, Euler {n}"] = teacher_samples(mixture, mlp, n, ev, Guidance())
     for out in args.out.split(","):
-        rows.update(saved_samples(Path(out), f"-w{args.teacher_width}-s{args.teacher_fit_steps}-{args.teacher_law}"))
+        rows.update(saved_samples(Path(out), backbone_tag(args)))
     return mixture, ev, rows
 
 
@@ -315,7 +322,7 @@ def main() -> None:
         panels = {"true samples": ev.reference.float()}
         for n in (4, 128):
             panels[f"teacher MLP, Euler {n}"] = teacher_samples(mixture, mlp, n, ev, Guidance())
-        panels.update(saved_samples(Path(args.out), "-w256-s6000-logit_normal"))
+        panels.update(saved_samples(Path(args.out), backbone_tag(args)))
         plot_scatter(mixture, panels, ev.labels, Path(args.scatter))
         print(f"wrote {args.scatter} ({', '.join(panels)})")
         return
@@ -342,14 +349,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     mixture, mlp, ev = world(args)
-    backbone_tag = "" if (args.teacher_width, args.teacher_fit_steps, args.teacher_law) == (128, 2000, "logit_normal") \
-        else f"-w{args.teacher_width}-s{args.teacher_fit_steps}-{args.teacher_law}"
-    if backbone_tag:  # the capacity factor: how good is the backbone itself?
+    tag = backbone_tag(args)
+    if tag:  # the capacity factor: how good is the backbone itself?
         from senseflow.teachers.base import Guidance
         from senseflow.toy.gmm.run import teacher_samples
         for n in (4, 128):
             f = ev.score(mixture, teacher_samples(mixture, mlp, n, ev, Guidance()))
-            tqdm.write(f"MLP teacher {backbone_tag[1:]}, Euler {n}: prec {f['precision']:.3f} "
+            tqdm.write(f"MLP teacher {tag[1:]}, Euler {n}: prec {f['precision']:.3f} "
                        f"cov {f['coverage']:.2f} tv {f['mode_tv']:.3f} sw2 {f['sw2']:.3f}")
     log = out / "factors.jsonl"
     for name, seed in tqdm([(n, s) for n in names for s in seeds], desc="gmm factors", dynamic_ncols=True):
@@ -365,9 +371,9 @@ def main() -> None:
             from senseflow.toy.gmm.run import sample_generator
             (out / "samples").mkdir(exist_ok=True)
             save_file({"x": sample_generator(gen, ev).float().contiguous()},
-                      str(out / "samples" / f"{name}{backbone_tag}_s{seed}.safetensors"))
-        if backbone_tag:
-            name = f"{name}{backbone_tag}"
+                      str(out / "samples" / f"{name}{tag}_s{seed}.safetensors"))
+        if tag:
+            name = f"{name}{tag}"
         rec = {"variant": name, "seed": seed, "seconds": time.perf_counter() - t0, **res}
         with open(log, "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")

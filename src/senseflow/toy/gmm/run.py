@@ -170,8 +170,7 @@ def build_models(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec) -> D
         generator.trained_anchors = tuple(spec.trained_anchors)
     fake_backbone = adapter.make_fake_score(teacher_backbone)
     if spec.fake_per_anchor:
-        if spec.sampler != "stochastic" or spec.method == "sid" or spec.method_overrides.get("ida", True) and \
-                spec.method == "senseflow":
+        if spec.sampler != "stochastic" or spec.method == "sid" or getattr(spec.method_config(), "ida", False):
             raise SenseflowError("gmm: fake_per_anchor probes DMD2 (or SenseFlow with ida=False), stochastic sampler")
         fake_backbone = AnchorFakeScores(fake_backbone, spec.steps)
         generator.anchor_listener = fake_backbone.select
@@ -260,6 +259,8 @@ def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSe
     """Train one student; returns ``{"spec", "history": [{"iteration", metrics...}], "final", "final_ema"}``.
 
     ``pairs_cache``: where the teacher ODE pairs of ``spec.regression_weight`` are cached (safetensors)."""
+    if spec.lr_schedule not in ("constant", "cosine"):
+        raise SenseflowError(f"gmm: lr_schedule must be 'constant' or 'cosine', got {spec.lr_schedule!r}")
     torch.manual_seed(spec.seed)
     models = build_models(mixture, mlp, spec)
     method = build_method(models, spec.method_config(), images_per_iteration=spec.batch_size)
@@ -281,9 +282,6 @@ def distil(mixture: GaussianMixture, mlp: VelocityMLP, spec: RunSpec, ev: EvalSe
     ema = EMA(models.generator, spec.ema_decay) if spec.ema_decay else None
     history: list[dict[str, float]] = [{"iteration": 0, **ev.score(mixture, sample_generator(models.generator, ev))}]
     ema_history: list[dict[str, float]] = []
-
-    if spec.lr_schedule not in ("constant", "cosine"):
-        raise SenseflowError(f"gmm: lr_schedule must be 'constant' or 'cosine', got {spec.lr_schedule!r}")
 
     def on_step(trainer: Trainer, step: int) -> None:
         if spec.lr_schedule == "cosine":  # the lr of the NEXT step
