@@ -69,7 +69,8 @@ def main() -> None:
                 gain = paired_gain(evaluator.checks_per_image(images, prompts), state["teacher4"], prompts, seed=0)
                 rec = {"name": args.name, "it": step, "weights": name, "sampler": sampler,
                        "attr_acc": round(m["attr_acc"], 4), "fd_real": round(m["fd_real"], 1),
-                       "gain": gain["gain"], "ci95": gain["ci95"], "seconds": round(time.time() - state["t0"])}
+                       "gain": gain["gain"], "ci95": gain["ci95"], "seconds": round(time.time() - state["t0"]),
+                       "train": {k: round(float(v), 4) for k, v in (trainer.last_logs or {}).items()}}
                 print(json.dumps(rec), flush=True)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()

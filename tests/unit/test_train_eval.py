@@ -67,3 +67,27 @@ def test_train_eval_checks_its_inputs_before_the_run_starts(tmp_path):
     assert not out.exists()
     with pytest.raises(SenseflowError, match="train.eval.every"):
         tiny_config(out, "train.eval={every: -1}")
+
+
+def test_logged_means_are_over_the_iterations_that_ran_each_phase(tmp_path):
+    """With TTUR, G's losses appear in one iteration of ``ttur``: the logged loss_g must be the mean over G's steps,
+    not diluted by the fake-score iterations (the bug: every key divided by the window's length)."""
+    out = tmp_path / "run"
+    trainer = api.build_trainer(tiny_config(out, "method.ttur=3", "train.log_every=6", "train.num_samples=0"),
+                                resume="never")
+    seen: dict[str, list[float]] = {}
+    run_phase = trainer.run_phase
+
+    def recording(phase, batch):
+        logs = run_phase(phase, batch)
+        for k, v in logs.items():
+            seen.setdefault(k, []).append(float(v))
+        return logs
+
+    trainer.run_phase = recording
+    trainer.fit()
+    row = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["step"] == 6)
+    assert 0 < len(seen["loss_g"]) < len(seen["loss_fake"]), "the test needs both phases, G's less often"
+    for key in ("loss_g", "loss_fake"):
+        assert row[key] == pytest.approx(sum(seen[key]) / len(seen[key]), rel=1e-5), key

@@ -271,7 +271,10 @@ class Trainer:
         main = self.ctx.is_main
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}",
                    disable=not (cfg.progress and main), dynamic_ncols=True)
+        # per-key sums and counts: with TTUR a key of one phase appears only in that phase's iterations, so its
+        # mean is over those iterations, not over the whole window (which would dilute G's losses TTUR-fold)
         window: dict[str, float] = {}
+        seen: dict[str, int] = {}
         count, t0 = 0, time.perf_counter()
         try:
             while self.step < cfg.steps:
@@ -287,10 +290,11 @@ class Trainer:
                 count += 1
                 for k, v in logs.items():
                     window[k] = window.get(k, 0.0) + v
+                    seen[k] = seen.get(k, 0) + 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - t0
-                    means = {k: as_float(v) / count for k, v in window.items()}
+                    means = {k: as_float(v) / seen[k] for k, v in window.items()}
                     means = self.ctx.mean(means)
                     means["it_per_s"] = count / max(elapsed, 1e-9)
                     self.last_logs = self.logger.scalars(self.step, means) if main else means
@@ -298,7 +302,7 @@ class Trainer:
                                      if k.startswith("loss_")}, refresh=False)
                     for hook in self.hooks.on_log:
                         hook(self, self.step)
-                    window, count, t0 = {}, 0, time.perf_counter()
+                    window, seen, count, t0 = {}, {}, 0, time.perf_counter()
                 for hook in self.hooks.on_step:
                     hook(self, self.step)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
