@@ -47,7 +47,8 @@ def _batch(models, latents=True):
 def _method(cls=DMD2, cfg_cls=DMD2Config, **kw):
     models = tiny_models()
     kw.setdefault("ttur", 1)
-    return models, cls(models, cfg_cls(gan_head=GANHeadConfig(enabled=True, **TAP), **kw))
+    kw.setdefault("gan_head", GANHeadConfig(enabled=True, **TAP))
+    return models, cls(models, cfg_cls(**kw))
 
 
 def _manual_logits(models, x_t, t, cond):
@@ -182,6 +183,24 @@ def test_classifier_gets_gradients_only_in_its_own_phase(tmp_path, cls, cfg_cls,
     logs = trainer.run_phase("fake_score", batch)
     assert "loss_gan_d" in logs
     assert any(not torch.equal(v, head_before[k]) for k, v in head.state_dict().items())
+
+
+def test_head_lr_puts_the_head_in_its_own_group_with_its_own_rate(tmp_path):
+    """``gan_head.lr``: one optimiser still (the released layout), the head's parameters in a second group."""
+    models, method = _method(gan_head=GANHeadConfig(enabled=True, lr=3e-3, **TAP))
+    opt = OptimizerConfig(lr=1e-4)
+    trainer = Trainer(method, None, TrainConfig(batch_size=4, progress=False, tensorboard=False),
+                      {"generator": opt, "fake_score": opt}, tmp_path, RandomStreams(0), torch.device("cpu"))
+    body, head = trainer.optimizers["fake_score"].param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in models.fake_score.gan_head.parameters()}
+    assert head["lr"] == 3e-3 and body["lr"] == 1e-4
+    assert len(body["params"]) + len(head["params"]) == len(trainer.params["fake_score"])
+    assert len(trainer.optimizers["generator"].param_groups) == 1
+    # the default: one group, the released layout
+    models, method = _method()
+    trainer = Trainer(method, None, TrainConfig(batch_size=4, progress=False, tensorboard=False),
+                      {"generator": opt, "fake_score": opt}, tmp_path, RandomStreams(0), torch.device("cpu"))
+    assert len(trainer.optimizers["fake_score"].param_groups) == 1
 
 
 def test_head_is_checkpointed_and_resumed_with_the_fake_score(tmp_path):

@@ -69,6 +69,8 @@ class GANHeadConfig(StrictModel):
                                                              "(released SDXL recipe: gen_cls_loss_weight 5e-3)")
     classifier_weight: float = Field(1e-2, ge=0.0, description="weight of softplus(D(fake)) + softplus(-D(real)) in "
                                                               "the fake-score loss (guidance_cls_loss_weight 1e-2)")
+    lr: float | None = Field(None, gt=0.0, description="learning rate of the head's own parameters (None = the "
+                                                        "fake score's, as released: the head is in optimizer_guidance)")
     time: TimeSamplerConfig = Field(
         TimeSamplerConfig(kind="teacher"),
         description="noise level of the classified latents, drawn per sample (teacher = the teacher's training law: "

@@ -118,6 +118,11 @@ class Method(ABC):
     def networks(self) -> dict[str, nn.Module]:
         """Trainable networks by phase name; each gets its own optimiser."""
 
+    def param_groups(self, name: str, params: list[nn.Parameter]) -> list[dict] | None:
+        """Optimiser parameter groups for network ``name`` (covering exactly ``params``, the trainable ones the
+        trainer found), or None for one group with the optimiser's settings."""
+        return None
+
     @abstractmethod
     def phases(self, iteration: int) -> list[str]:
         """Names of the networks that step on ``iteration``, in order."""

@@ -24,7 +24,7 @@ from ..released import PAPER, ReleasedForms
 from ..released import omega as released_omega
 from ..rng import RandomStreams
 from ..schedules import NoiseSchedule, anchors
-from ..teachers.base import Conditioning
+from ..teachers.base import Conditioning, SenseflowError
 from .base import Batch, DistillationModels, GuidanceSpec, LossOutput, Method, per_sample_mean
 
 
@@ -115,6 +115,17 @@ class DMD2(Method):
         if self.adversarial is not None:
             nets["discriminator"] = self.adversarial
         return nets
+
+    def param_groups(self, name: str, params: list[nn.Parameter]) -> list[dict] | None:
+        """``method.gan_head.lr``: the head in its own group of the fake score's optimiser (released: one group)."""
+        if name != "fake_score" or self.gan is None or self.config.gan_head.lr is None:
+            return None
+        head = {id(p) for p in self.gan.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in head]},
+                  {"params": [p for p in params if id(p) in head], "lr": self.config.gan_head.lr}]
+        if not groups[1]["params"]:
+            raise SenseflowError("method.gan_head.lr: the fake score's optimiser holds no head parameters")
+        return groups
 
     def phases(self, iteration: int) -> list[str]:
         self._samples, self._cursor = [], {}  # a new iteration: nothing to reuse yet

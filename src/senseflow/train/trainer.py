@@ -41,9 +41,12 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig,
+                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    """One optimiser over ``params``; ``groups`` (torch param groups covering exactly ``params``) give some of them
+    their own settings, e.g. DMD2's GAN head its own learning rate (``Method.param_groups``)."""
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.name]
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+    return cls(groups or params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                **optimizer_kernels(params))
 
 
@@ -86,7 +89,9 @@ class Trainer:
             if not params:
                 raise ValueError(f"network {name!r} has no trainable parameters")
             self.params[name] = params
-        self.optimizers = {name: build_optimizer(self.params[name], optim[name]) for name in self.networks}
+        groups = getattr(method, "param_groups", lambda _name, _params: None)  # a duck-typed method may lack it
+        self.optimizers = {name: build_optimizer(self.params[name], optim[name], groups(name, self.params[name]))
+                           for name in self.networks}
         # generator.ema: an fp32 average on this rank's shards; an output only (IDA reads the raw weights)
         self.ema = GeneratorEMA(self.networks["generator"], self.params["generator"], ema,
                                 train.batch_size * self.ctx.world_size) \
