@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -334,7 +335,7 @@ def main() -> None:
             recs = [r for r in recs if r["variant"].split("-w")[0] in wanted]
         runs: dict[str, list[dict[str, Any]]] = {}
         for r in recs:
-            name = r["variant"].replace("-w256-s6000-logit_normal", " (w256)")
+            name = re.sub(r"-w(\d+)-s\d+-\w+$", r" (w\1)", r["variant"])  # "<variant> (w<backbone width>)"
             runs.setdefault(name, []).append(r)
             if r.get("ema_history"):  # the EMA's line beside the raw weights' (it has no iteration-0 point)
                 runs.setdefault(f"{name}, EMA", []).append({"history": r["ema_history"]})
