@@ -51,6 +51,13 @@ def _method(cls=DMD2, cfg_cls=DMD2Config, **kw):
     return models, cls(models, cfg_cls(**kw))
 
 
+def _trainer(method, run_dir, lr: float) -> Trainer:
+    """A single-process trainer over ``method`` with one optimiser setting for both networks, no data source."""
+    opt = OptimizerConfig(lr=lr)
+    return Trainer(method, None, TrainConfig(batch_size=4, progress=False, tensorboard=False),
+                   {"generator": opt, "fake_score": opt}, run_dir, RandomStreams(0), torch.device("cpu"))
+
+
 def _manual_logits(models, x_t, t, cond):
     """The head applied to the tapped block's output, read with a hand-made hook."""
     store = []
@@ -166,9 +173,7 @@ def test_classifier_gets_gradients_only_in_its_own_phase(tmp_path, cls, cfg_cls,
     models, method = _method(cls, cfg_cls, **extra)
     head = models.fake_score.gan_head
     assert set(method.networks()) == {"generator", "fake_score"}   # no extra optimiser: as released
-    opt = OptimizerConfig(lr=1e-2)
-    trainer = Trainer(method, None, TrainConfig(batch_size=4, progress=False, tensorboard=False),
-                      {"generator": opt, "fake_score": opt}, tmp_path, RandomStreams(0), torch.device("cpu"))
+    trainer = _trainer(method, tmp_path, 1e-2)
     owned = {id(p) for p in trainer.optimizers["fake_score"].param_groups[0]["params"]}
     assert all(id(p) in owned for p in head.parameters())
     batch = _batch(models)
@@ -188,9 +193,7 @@ def test_classifier_gets_gradients_only_in_its_own_phase(tmp_path, cls, cfg_cls,
 def test_head_lr_puts_the_head_in_its_own_group_with_its_own_rate(tmp_path):
     """``gan_head.lr``: one optimiser still (the released layout), the head's parameters in a second group."""
     models, method = _method(gan_head=GANHeadConfig(enabled=True, lr=3e-3, **TAP))
-    opt = OptimizerConfig(lr=1e-4)
-    trainer = Trainer(method, None, TrainConfig(batch_size=4, progress=False, tensorboard=False),
-                      {"generator": opt, "fake_score": opt}, tmp_path, RandomStreams(0), torch.device("cpu"))
+    trainer = _trainer(method, tmp_path, 1e-4)
     body, head = trainer.optimizers["fake_score"].param_groups
     assert {id(p) for p in head["params"]} == {id(p) for p in models.fake_score.gan_head.parameters()}
     assert head["lr"] == 3e-3 and body["lr"] == 1e-4
@@ -198,8 +201,7 @@ def test_head_lr_puts_the_head_in_its_own_group_with_its_own_rate(tmp_path):
     assert len(trainer.optimizers["generator"].param_groups) == 1
     # the default: one group, the released layout
     models, method = _method()
-    trainer = Trainer(method, None, TrainConfig(batch_size=4, progress=False, tensorboard=False),
-                      {"generator": opt, "fake_score": opt}, tmp_path, RandomStreams(0), torch.device("cpu"))
+    trainer = _trainer(method, tmp_path, 1e-4)
     assert len(trainer.optimizers["fake_score"].param_groups) == 1
 
 
