@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--time", type=float, default=0.1, help="native noise time of every classified latent")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--report-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="seed of the classified latents' noise")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides (e.g. the tap)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,7 +42,9 @@ def main() -> None:
     method = trainer.method
     fake_score, rng = method.models.fake_score, trainer.rng
     head, schedule = fake_score.gan_head, fake_score.schedule
+    fake_score.backbone.requires_grad_(False)  # only the head learns: no backward into the trunk (same head grads)
     opt = torch.optim.Adam(head.parameters(), lr=args.lr)
+    noise = torch.Generator().manual_seed(args.seed)  # the trainer's own streams seed the rest: reruns repeat
     for step in range(args.steps + 1):
         batch = trainer.data.next_batch()
         with torch.no_grad():
@@ -50,7 +53,8 @@ def main() -> None:
         t = torch.full((fake.shape[0],), args.time)
 
         def logits(x: torch.Tensor) -> torch.Tensor:
-            return head.logits(fake_score, schedule.add_noise(x, torch.randn_like(x), t), t, batch.cond, None)
+            eps = torch.randn(x.shape, generator=noise, dtype=x.dtype)
+            return head.logits(fake_score, schedule.add_noise(x, eps, t), t, batch.cond, None)
 
         real_logits, fake_logits = logits(batch.latents.float()), logits(fake)
         loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()  # DMD2's classifier loss
