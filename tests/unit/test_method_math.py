@@ -204,3 +204,32 @@ def test_stochastic_and_euler_samplers():
     assert not torch.allclose(out_sto, noise)
     with pytest.raises(ValueError):
         gen.sample(noise, cond, sampler="heun")
+
+
+def test_guidance_interval_guides_only_the_noise_levels_inside_it():
+    spec = GuidanceSpec(cfg=3.0, interval=(0.3, 0.7))
+    g = spec.sample(RandomStreams(0), torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64))
+    assert g.cfg.tolist() == [1.0, 3.0, 3.0, 3.0, 1.0]
+    assert GuidanceSpec(cfg=3.0).sample(RandomStreams(0)).cfg == 3.0  # no interval: a scalar, everywhere
+    with pytest.raises(ValueError, match="noise levels"):
+        spec.sample(RandomStreams(0))
+    for bad in [(0.7, 0.3), (-0.1, 0.5), (0.5, 1.2)]:
+        with pytest.raises(ValueError, match="interval"):
+            GuidanceSpec(cfg=3.0, interval=bad)
+
+
+def test_dmd_with_a_guidance_interval_moves_only_the_samples_guided_there():
+    """At initialisation fake == teacher, so a sample's DMD gradient is non-zero only where CFG is on."""
+    models = tiny_models()
+    n = 8
+    probe = DMD2(models, DMD2Config(real_guidance=GuidanceSpec(cfg=3.0)))
+    sigma = probe.schedule.sigma(probe.dmd_time.sample(n, probe.schedule, RandomStreams(3).local, "cpu"))
+    cut = float(sigma.median())
+    method = DMD2(models, DMD2Config(real_guidance=GuidanceSpec(cfg=3.0, interval=(0.0, cut))))
+    x = torch.randn(n, 3, 8, 8, requires_grad=True)
+    loss, _ = method.dmd_loss(x, _batch(models, (PROMPTS * 4)[:n]).cond, RandomStreams(3))
+    loss.backward()
+    size = x.grad.flatten(1).abs().amax(dim=1)
+    moved = size > 1e-4 * size.max()  # cfg 1 = uncond + 1 * (cond - uncond): zero up to rounding
+    assert moved.tolist() == (sigma <= cut).tolist()
+    assert 0 < int(moved.sum()) < n

@@ -217,8 +217,8 @@ class DMD2(Method):
         with torch.no_grad():
             eps = rng.randn_like(x)
             x_t = schedule.add_noise(x.detach(), eps, t)
-            x0_real = self.models.teacher(x_t, t, cond, self.config.real_guidance.sample(rng)).float()
-            x0_fake = self.models.fake_score(x_t, t, cond, self.config.fake_guidance.sample(rng)).float()
+            x0_real = self.models.teacher(x_t, t, cond, self.guidance(self.config.real_guidance, rng, t)).float()
+            x0_fake = self.models.fake_score(x_t, t, cond, self.guidance(self.config.fake_guidance, rng, t)).float()
             xf = x.detach().float()
             p_real = xf - x0_real
             p_fake = xf - x0_fake

@@ -108,7 +108,7 @@ class SenseFlow(DMD2):
         gen = self.models.generator
         t_end = gin.t_next if t_end is None else t_end
         with torch.no_grad():
-            x0_teacher = self.models.teacher(gin.x_t, gin.t, batch.cond, self.config.isg_guidance.sample(rng))
+            x0_teacher = self.models.teacher(gin.x_t, gin.t, batch.cond, self.guidance(self.config.isg_guidance, rng, gin.t))
             x_mid = schedule.step(gin.x_t, x0_teacher, gin.t, t_mid)
             x0_mid = gen(x_mid, t_mid, batch.cond)
             return schedule.step(x_mid, x0_mid, t_mid, t_end)
@@ -120,7 +120,7 @@ class SenseFlow(DMD2):
             # released SDXL: target and prediction share G(x_mid)'s eps, and the target's x0 is rebuilt
             # from the teacher's own eps, so x_hat - x_tar = alpha_end (x0_G - x0_teacher) at x_t
             with torch.no_grad():
-                x0_teacher = self.models.teacher(gin.x_t, gin.t, batch.cond, self.config.isg_guidance.sample(rng))
+                x0_teacher = self.models.teacher(gin.x_t, gin.t, batch.cond, self.guidance(self.config.isg_guidance, rng, gin.t))
             a_end = expand_like(self.schedule.alpha(t_end), x0_hat.float())
             return a_end * (x0_hat.float() - x0_teacher.float())
         t_mid = self.sample_mid_time(gin, rng)

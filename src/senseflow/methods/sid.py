@@ -225,14 +225,14 @@ class SiD(Method):
         t = self.time.sample(n, self.schedule, rng.local, rng.device).to(x_g.device)
         eps = rng.randn_like(x_g)
         x_t = self.schedule.add_noise(x_g, eps, t)
-        f_r = self.models.teacher(x_t, t, cond, self.config.teacher_guidance.sample(rng)).float()
+        f_r = self.models.teacher(x_t, t, cond, self.guidance(self.config.teacher_guidance, rng, t)).float()
         d_logits = None
         if adversarial:
             with self.pooled.capture() as calls:
-                f_f = self.models.fake_score(x_t, t, cond, self.config.fake_guidance.sample(rng)).float()
+                f_f = self.models.fake_score(x_t, t, cond, self.guidance(self.config.fake_guidance, rng, t)).float()
             d_logits = self.pooled.logits(calls, n)
         else:
-            f_f = self.models.fake_score(x_t, t, cond, self.config.fake_guidance.sample(rng)).float()
+            f_f = self.models.fake_score(x_t, t, cond, self.guidance(self.config.fake_guidance, rng, t)).float()
         if self.config.score_gradients == "detached":
             f_r, f_f = f_r.detach(), f_f.detach()
         diff = f_r - f_f
@@ -259,7 +259,7 @@ class SiD(Method):
         x_t = self.schedule.add_noise(x_g, eps, t)
         if self.config.adversarial:
             return self.fake_and_discriminator_loss(batch, x_g, x_t, eps, t, rng)
-        pred = self.models.fake_score.native(x_t, t, batch.cond, self.config.fake_train_guidance.sample(rng))
+        pred = self.models.fake_score.native(x_t, t, batch.cond, self.guidance(self.config.fake_train_guidance, rng, t))
         target = self.schedule.target(x_g, eps, t)
         loss, dropped = self.reduce(per_sample_sum((pred.float() - target.float()) ** 2), 1.0)
         return LossOutput(loss, {"loss_fake": loss.detach(), "fake_dropped": dropped})
@@ -280,7 +280,7 @@ class SiD(Method):
                                  f"samples {tuple(x_g.shape)}: encode the data at the training resolution")
         n = x_g.shape[0]
         fake_net = self.models.fake_score
-        guidance = self.config.fake_train_guidance.sample(rng)
+        guidance = self.guidance(self.config.fake_train_guidance, rng, t)
         with self.pooled.capture() as calls:
             pred = fake_net.native(x_t, t, batch.cond, guidance)
         fake_logits = self.pooled.logits(calls, n)
