@@ -79,3 +79,15 @@ def test_adversarial_term_is_weighted_by_omega_at_the_input_anchor():
     per = models.discriminator.generator_loss(x, None)
     got = method.adversarial_loss(Gin, x, None)
     assert torch.allclose(got, (per * torch.tensor([0.0, 0.25])).mean())
+
+
+def test_adversarial_start_keeps_the_term_out_of_g_until_then_while_d_trains():
+    models = tiny_models()
+    models.discriminator = PixelDiscriminator()
+    method = SenseFlow(models, SenseFlowConfig(adversarial_weight=0.5, ttur=1, isg_weight=0.0, adversarial_start=3,
+                                               discriminator_time_weight=False))
+    batch = Batch(PROMPTS, models.teacher.adapter.encode_prompts(PROMPTS))
+    for iteration, expected in [(0, False), (2, False), (3, True), (7, True)]:
+        assert "discriminator" in method.phases(iteration)  # D trains from the first iteration
+        logs = method.loss("generator", batch, RandomStreams(iteration)).logs
+        assert ("loss_adv_g" in logs) is expected, iteration

@@ -47,6 +47,9 @@ class DMD2Config(StrictModel):
         "noise", description="forward diffusion at the first anchor: pure noise (released SDXL trainer, as sampling) "
                              "or the real latents diffused to it (SDXL 999: 0.068 x0 + 0.998 eps); flows: identical")
     adversarial_weight: float = Field(0.0, ge=0.0, description="lambda_G of the adversarial term (0 = off)")
+    adversarial_start: int = Field(
+        0, ge=0, description="iterations before G's loss includes the adversarial term; D trains from the first "
+                             "(a discriminator warm-up; released trainers: 0)")
     adversarial_time_weight: Literal["none", "omega"] = "none"
     omega: Literal["released", "paper"] = Field(
         "released", description="omega(t) law: released = the family's trainer (SD3.5 sigma_table[t]^2, SDXL "
@@ -103,6 +106,7 @@ class DMD2(Method):
         # detached G samples of the current iteration, one per micro-batch (fake_sample: generator)
         self._samples: list[tuple[GeneratorInput, Tensor]] = []
         self._cursor: dict[str, int] = {}
+        self._iteration = 0
 
     # -- policy --------------------------------------------------------------------------------
     @property
@@ -129,6 +133,7 @@ class DMD2(Method):
 
     def phases(self, iteration: int) -> list[str]:
         self._samples, self._cursor = [], {}  # a new iteration: nothing to reuse yet
+        self._iteration = iteration
         phases = ["generator"] if iteration % self.config.ttur == 0 else []
         phases.append("fake_score")
         if self.adversarial is not None:
@@ -247,7 +252,7 @@ class DMD2(Method):
         loss, logs = self.dmd_loss(x, batch.cond, rng)
         logs = {"loss_dmd": loss.detach(), **logs}
         total = loss
-        if self.adversarial is not None:
+        if self.adversarial is not None and self._iteration >= self.config.adversarial_start:
             adv = self.adversarial_loss(gin, x, batch)
             total = total + self.config.adversarial_weight * adv
             logs["loss_adv_g"] = adv.detach()
