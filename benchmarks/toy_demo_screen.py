@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--regression-pairs", type=int, default=256, help="training-prompt pairs to draw (teacher time)")
     p.add_argument("--regression-steps", type=int, default=32, help="Euler steps of the pairs' teacher samples")
     p.add_argument("--regression-cfg", type=float, default=3.0, help="CFG of the pairs' teacher samples")
+    p.add_argument("--simulation", choices=["stochastic", "euler"], default="stochastic",
+                   help="probe: how backward simulation steps between anchors (released: stochastic, fresh noise)")
     args = p.parse_args()
     out = Path(args.out)
     run = out / args.name
@@ -76,6 +78,7 @@ def main() -> None:
                 log.flush()
 
     trainer = api.build_trainer(config, resume="never", hooks=TrainerHooks(on_step=[score]))
+    trainer.method.models.generator.simulation_sampler = args.simulation
     teacher = trainer.method.models.teacher
     evalset = state["evalset"] = EvalSet(teacher.adapter, 64, 4, 0, trainer.device, open_positions=True)
     teacher4, _ = sample_teacher(teacher, evalset, 4, 3.0)
