@@ -346,3 +346,35 @@ def test_bad_configs_fail_with_one_line(folders, models, tmp_path):
     with pytest.raises(SenseflowError) as e:
         build_vfm_discriminator(make_cfg(folders, clip_path=str(tmp_path / "no_tok")), adapter)
     assert "tokenizer" in one_line(e)
+
+
+def test_mismatch_term_calls_real_images_with_another_prompt_fake(folders, models):
+    d = build(folders, models, augment=[], reference="none", mismatch_weight=0.5)
+    real, fake = images(4), images(4, seed=3) * 0.1
+    batch = Batch(list(PROMPTS), models.teacher.adapter.encode_prompts(PROMPTS), latents=real)
+    d.eval()
+    out = d.discriminator_loss(fake, batch)
+    lr, lf = d(real, batch.prompts), d(fake, batch.prompts)
+    lm = d(real, PROMPTS[1:] + PROMPTS[:1])  # each real image with the next element's prompt
+    expected = hinge_discriminator_loss(lr, lf) + 0.5 * torch.relu(1 + lm).mean()
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert torch.allclose(out.logs["d_mismatch"], lm.mean(), atol=1e-6)
+    # a batch of one prompt has no mismatched pair: the term is off, nothing else changes
+    same = Batch([PROMPTS[0]] * 4, models.teacher.adapter.encode_prompts([PROMPTS[0]] * 4), latents=real)
+    plain = build(folders, models, augment=[], reference="none").eval()
+    assert "d_mismatch" not in d.discriminator_loss(fake, same).logs
+    assert torch.allclose(d.discriminator_loss(fake, same).loss, plain.discriminator_loss(fake, same).loss, atol=1e-6)
+    # trained with the term, D calls mismatched real pairs fake more firmly than the same D trained without it
+    wrong = PROMPTS[1:] + PROMPTS[:1]
+    hinge = {}
+    for weight in (0.0, 0.5):
+        net = build(folders, models, augment=[], reference="none", mismatch_weight=weight).train()
+        opt = torch.optim.Adam(list(net.trainable_parameters()), lr=1e-2)
+        for _ in range(30):
+            loss = net.discriminator_loss(fake, batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            hinge[weight] = float(torch.relu(1 + net.eval()(real, wrong)).mean())
+    assert hinge[0.5] < 0.75 * hinge[0.0], hinge  # measured 0.72 vs 1.31

@@ -396,4 +396,27 @@ class VFMDiscriminator(AdversarialTerm):
         loss = hinge_discriminator_loss(logits_real, logits_fake)
         logs = {"loss_d": loss.detach(), "d_real": logits_real.detach().mean(), "d_fake": logits_fake.detach().mean(),
                 "d_accuracy": 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).detach()}
+        if self.config.mismatch_weight > 0:
+            mismatch = self.mismatch_term([m[:n] for m in fmaps], text, refs, batch.prompts)
+            if mismatch is not None:
+                loss = loss + self.config.mismatch_weight * mismatch[0]
+                logs.update({"loss_d_mismatch": mismatch[0].detach(), "d_mismatch": mismatch[1].detach()})
         return LossOutput(loss, logs)
+
+    def mismatch_term(self, real_fmaps: list[Tensor], text: Tensor, refs: list[Tensor] | None,
+                      prompts: list[str]) -> tuple[Tensor, Tensor] | None:
+        """GigaGAN's matching-aware loss: ``mean(relu(1 + D(real image, next element's prompt)))`` over the elements
+        whose next prompt differs (None when none does).
+
+        Why: a projection discriminator can score realism alone and ignore the text; calling real images with the
+        wrong prompt fake is what makes it judge whether an image shows its prompt (and G's gradient with it).
+        """
+        n = len(prompts)
+        shifted = [(i + 1) % n for i in range(n)]
+        keep = torch.tensor([prompts[i] != prompts[j] for i, j in enumerate(shifted)], device=text.device)
+        if not bool(keep.any()):
+            return None
+        idx = torch.tensor(shifted, device=text.device)
+        logits = self.head_logits(real_fmaps, text[idx], refs)
+        per_sample = F.relu(1.0 + logits).flatten(1).mean(dim=1)
+        return per_sample[keep].mean(), logits.detach()[keep].mean()
