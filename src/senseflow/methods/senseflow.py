@@ -101,6 +101,11 @@ class SenseFlow(DMD2):
         r = torch.rand(gin.t.shape, generator=rng.local, device=rng.device, dtype=torch.float64).to(lo.device)
         return schedule.from_unit(lo + (hi - lo) * r)
 
+    @torch.no_grad()
+    def isg_teacher_x0(self, gin: GeneratorInput, batch: Batch, rng: RandomStreams) -> Tensor:
+        """The teacher's ``x0`` at G's input ``(x_t, tau_i)`` with ISG's guidance: where both ISG forms start."""
+        return self.models.teacher(gin.x_t, gin.t, batch.cond, self.guidance(self.config.isg_guidance, rng, gin.t))
+
     def isg_target(self, gin: GeneratorInput, t_mid: Tensor, batch: Batch, rng: RandomStreams,
                    t_end: Tensor | None = None) -> Tensor:
         """Teacher Euler step ``tau_i -> t_mid``, then a no-grad G step ``t_mid -> t_end`` (default ``tau_next``)."""
@@ -108,7 +113,7 @@ class SenseFlow(DMD2):
         gen = self.models.generator
         t_end = gin.t_next if t_end is None else t_end
         with torch.no_grad():
-            x0_teacher = self.models.teacher(gin.x_t, gin.t, batch.cond, self.guidance(self.config.isg_guidance, rng, gin.t))
+            x0_teacher = self.isg_teacher_x0(gin, batch, rng)
             x_mid = schedule.step(gin.x_t, x0_teacher, gin.t, t_mid)
             x0_mid = gen(x_mid, t_mid, batch.cond)
             return schedule.step(x_mid, x0_mid, t_mid, t_end)
@@ -119,8 +124,7 @@ class SenseFlow(DMD2):
         if self.config.isg_form == "released" and self.released.isg_form == "x0_regression":
             # released SDXL: target and prediction share G(x_mid)'s eps, and the target's x0 is rebuilt
             # from the teacher's own eps, so x_hat - x_tar = alpha_end (x0_G - x0_teacher) at x_t
-            with torch.no_grad():
-                x0_teacher = self.models.teacher(gin.x_t, gin.t, batch.cond, self.guidance(self.config.isg_guidance, rng, gin.t))
+            x0_teacher = self.isg_teacher_x0(gin, batch, rng)
             a_end = expand_like(self.schedule.alpha(t_end), x0_hat.float())
             return a_end * (x0_hat.float() - x0_teacher.float())
         t_mid = self.sample_mid_time(gin, rng)
