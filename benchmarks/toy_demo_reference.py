@@ -5,11 +5,15 @@ samples at all (real images against real images of the same prompts with other p
 floor), what the teacher gives at other CFG scales and step counts, and where the student starts
 (the teacher's weights run as a 4-step generator, stochastic or Euler, no CFG).
 
-    .venv/bin/python benchmarks/toy_demo_reference.py
+    .venv/bin/python benchmarks/toy_demo_reference.py [--teacher FOLDER] [--seed S] [--points 4:3 32:3 ...]
+
+``--teacher`` scores another toy teacher folder (a candidate from ``senseflow toy train-teacher``) on
+the same evaluation set; ``--seed`` is the demo's ``--seed`` (it moves the evaluation noise).
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -22,23 +26,35 @@ from senseflow.toy.evaluator import ToyEvaluator
 TEACHER_POINTS = ((4, 1.0), (4, 2.0), (4, 3.0), (8, 3.0), (32, 2.0))
 
 
-def main() -> None:
-    config = load_config(RECIPES / "senseflow.yaml", ["paths.output=runs/demo_reference", "train.progress=false"])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default=None, help="toy teacher folder (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed (the demo's --seed)")
+    p.add_argument("--points", nargs="*", default=None, metavar="STEPS:CFG",
+                   help="teacher settings to score (default: the full reference list, floor and student start)")
+    args = p.parse_args(argv)
+    overrides = ["paths.output=runs/demo_reference", "train.progress=false"]
+    if args.teacher:
+        overrides.append(f"paths.teacher={args.teacher}")
+    config = load_config(RECIPES / "senseflow.yaml", overrides)
     evaluator = ToyEvaluator.load()
     trainer = api.build_trainer(config, resume="never")
     teacher = trainer.method.models.teacher
-    evalset = EvalSet(teacher.adapter, 64, 4, 0, trainer.device, open_positions=True)
+    evalset = EvalSet(teacher.adapter, 64, 4, args.seed, trainer.device, open_positions=True)
 
     def show(name: str, images: torch.Tensor) -> None:
         m = evaluator.evaluate(images, evalset.prompts)
         print(f"{name:44s} attr_acc {m['attr_acc']:.3f}  fd_real {m['fd_real']:7.1f}", flush=True)
 
-    show("real images, other placements (floor)", ToyEvaluator.load(reference_seed=1).reference_images(evalset.prompts))
-    for steps, cfg in TEACHER_POINTS:
+    points = TEACHER_POINTS if args.points is None else [(int(a), float(b)) for a, b in
+                                                          (x.split(":") for x in args.points)]
+    if args.points is None:
+        show("real images, other placements (floor)", ToyEvaluator.load(reference_seed=1).reference_images(evalset.prompts))
+    for steps, cfg in points:
         t0 = time.time()
         images, _ = sample_teacher(teacher, evalset, steps, cfg)
         show(f"teacher {steps} Euler steps, CFG {cfg} ({time.time() - t0:.0f} s)", images)
-    for sampler in ("stochastic", "euler"):
+    for sampler in ("stochastic", "euler") if args.points is None else ():
         images, _ = sample_student(trainer.method.models.generator, evalset, sampler)
         show(f"student at initialisation, {sampler}", images)
 

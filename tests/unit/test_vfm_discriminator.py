@@ -356,8 +356,10 @@ def test_mismatch_term_calls_real_images_with_another_prompt_fake(folders, model
     out = d.discriminator_loss(fake, batch)
     lr, lf = d(real, batch.prompts), d(fake, batch.prompts)
     lm = d(real, PROMPTS[1:] + PROMPTS[:1])  # each real image with the next element's prompt
-    expected = hinge_discriminator_loss(lr, lf) + 0.5 * torch.relu(1 + lm).mean()
+    # GAN-CLS: the mismatched pairs take the share w of the fake side
+    expected = torch.relu(1 - lr).mean() + 0.5 * torch.relu(1 + lf).mean() + 0.5 * torch.relu(1 + lm).mean()
     assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert torch.allclose(out.logs["loss_d"], expected, atol=1e-6)
     assert torch.allclose(out.logs["d_mismatch"], lm.mean(), atol=1e-6)
     # a batch of one prompt has no mismatched pair: the term is off, nothing else changes
     same = Batch([PROMPTS[0]] * 4, models.teacher.adapter.encode_prompts([PROMPTS[0]] * 4), latents=real)
@@ -378,3 +380,17 @@ def test_mismatch_term_calls_real_images_with_another_prompt_fake(folders, model
         with torch.no_grad():
             hinge[weight] = float(torch.relu(1 + net.eval()(real, wrong)).mean())
     assert hinge[0.5] < 0.75 * hinge[0.0], hinge  # measured 0.72 vs 1.31
+
+
+def test_mismatch_term_leaves_a_blind_discriminator_no_constant_to_collapse_to(folders, models, monkeypatch):
+    """A D that separates nothing outputs one constant c; with the term added on top of the hinge loss (the
+    seventh session's form) c = -1 is cheapest and D stalled there in the toy demo; as a share of the fake side every
+    c in [-1, 1] costs the same, as without the term."""
+    real, fake = images(4), images(4, seed=3) * 0.1
+    batch = Batch(list(PROMPTS), models.teacher.adapter.encode_prompts(PROMPTS), latents=real)
+    d = build(folders, models, augment=[], reference="none", mismatch_weight=0.5).eval()
+    losses = []
+    for c in (-1.0, 0.0, 0.5):
+        monkeypatch.setattr(d, "head_logits", lambda fmaps, text, refs, c=c: torch.full((fmaps[0].shape[0], 3), c))
+        losses.append(float(d.discriminator_loss(fake, batch).loss))
+    assert losses == pytest.approx([2.0, 2.0, 2.0], abs=1e-6), losses

@@ -93,8 +93,9 @@ class VFMDiscriminatorConfig(StrictModel):
         "other", description="reference image: self (released code), other (another real image of the same "
                              "prompt, else the next batch element), none")
     mismatch_weight: float = Field(
-        0.0, ge=0.0, description="matching-aware term (GigaGAN): D also learns to call real images with another "
-                                 "element's prompt fake, weight w (0 = off, the released discriminator)")
+        0.0, ge=0.0, le=1.0, description="matching-aware term (GAN-CLS / GigaGAN): the share w of D's fake side given "
+                                         "to real images with another element's prompt, (1 - w) to G samples "
+                                         "(0 = off, the released discriminator; 0.5 = Reed et al. 2016)")
     head_channels: int = Field(256, ge=1, le=8192, description="width of each head's conv trunk")
     head_downsamples: int = Field(2, ge=0, description="strided 3x3 conv + residual block stages per head")
     cmap_dim: int = Field(64, ge=1, le=8192, description="channels of each head's output map / text and reference maps")

@@ -394,14 +394,16 @@ class VFMDiscriminator(AdversarialTerm):
         logits_real = self.head_logits([m[:n] for m in fmaps], text, refs)
         logits_fake = self.head_logits([m[n:] for m in fmaps], text, refs)
         loss = hinge_discriminator_loss(logits_real, logits_fake)
-        logs = {"loss_d": loss.detach(), "d_real": logits_real.detach().mean(), "d_fake": logits_fake.detach().mean(),
+        logs = {"d_real": logits_real.detach().mean(), "d_fake": logits_fake.detach().mean(),
                 "d_accuracy": 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).detach()}
-        if self.config.mismatch_weight > 0:
-            mismatch = self.mismatch_term([m[:n] for m in fmaps], text, refs, batch.prompts)
-            if mismatch is not None:
-                loss = loss + self.config.mismatch_weight * mismatch[0]
-                logs.update({"loss_d_mismatch": mismatch[0].detach(), "d_mismatch": mismatch[1].detach()})
-        return LossOutput(loss, logs)
+        w = self.config.mismatch_weight
+        mismatch = self.mismatch_term([m[:n] for m in fmaps], text, refs, batch.prompts) if w > 0 else None
+        if mismatch is not None:
+            # the mismatched pairs take a share of the fake side (GAN-CLS): added on top of it, the hinge loss of a D
+            # that cannot yet separate anything is lowest at a constant -1, where it stalls (docs/toy.md)
+            loss = F.relu(1.0 - logits_real).mean() + (1 - w) * F.relu(1.0 + logits_fake).mean() + w * mismatch[0]
+            logs.update({"loss_d_mismatch": mismatch[0].detach(), "d_mismatch": mismatch[1].detach()})
+        return LossOutput(loss, {"loss_d": loss.detach(), **logs})
 
     def mismatch_term(self, real_fmaps: list[Tensor], text: Tensor, refs: list[Tensor] | None,
                       prompts: list[str]) -> tuple[Tensor, Tensor] | None:
