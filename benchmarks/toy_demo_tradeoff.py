@@ -11,6 +11,8 @@ every screen); full demos (``metrics.json``) carry their own teacher baseline.  
     .venv/bin/python benchmarks/toy_demo_tradeoff.py --out docs/images/toy_demo_tradeoff.png \\
         --screens docs/results/demo_screens_session6.jsonl docs/results/demo_screens_session7.jsonl \\
         --demos docs/results/demo_session6_*_metrics.json
+
+``--demos "stage-3 teacher=docs/results/demo_session8_s0_metrics.json" ...`` plots a group under its own marker.
 """
 
 from __future__ import annotations
@@ -58,11 +60,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--screens", nargs="*", default=[], type=Path)
-    p.add_argument("--demos", nargs="*", default=[], type=Path)
+    p.add_argument("--demos", nargs="*", default=[], metavar="[LABEL=]METRICS_JSON",
+                   help="full demos' metrics.json; a LABEL= prefix groups them under their own marker")
     p.add_argument("--iteration", type=int, default=100, help="which screen evaluations to plot")
     p.add_argument("--screen-teacher-fd", type=float, default=240.3)
     args = p.parse_args()
-    missing = [str(f) for f in [*args.screens, *args.demos] if not f.is_file()]
+    demos: dict[str, list[Path]] = {}
+    for item in args.demos:
+        label, _, path = item.rpartition("=")
+        demos.setdefault(label or "full demo, 400 it.", []).append(Path(path))
+    missing = [str(f) for f in [*args.screens, *(q for v in demos.values() for q in v)] if not f.is_file()]
     if missing:
         raise SystemExit(f"no such record: {missing[0]}")
 
@@ -83,11 +90,11 @@ def main() -> None:
         xs, ys = [q[0] for q in pts], [q[1] for q in pts]
         ax.scatter(xs, ys, color=colour, marker="o" if sampler == "stochastic" else "x", s=28,
                    label=f"{group} ({sampler} sampler)")
-    if args.demos:
-        pts = demo_points(args.demos)
+    for (label, paths), (fmt, colour) in zip(demos.items(), [("s", "k"), ("D", "tab:red"), ("^", "tab:purple")] * 3):
+        pts = demo_points(paths)
         ax.errorbar([q[0] for q in pts], [q[1] for q in pts],
                     yerr=[[q[1] - q[2] for q in pts], [q[3] - q[1] for q in pts]],
-                    fmt="s", color="k", ms=5, capsize=2, label="full demo, 400 it. (95% interval)")
+                    fmt=fmt, color=colour, ms=5, capsize=2, label=f"{label} (95% interval)")
     ax.set_xlabel("student fd_real - 4-step teacher's fd_real (lower is better)")
     ax.set_ylabel("paired attr_acc gain over the 4-step teacher")
     ax.set_title(f"demo screens at {args.iteration} iterations (raw weights) and full demos; "
