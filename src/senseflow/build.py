@@ -107,7 +107,18 @@ def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool
     filled from rank 0 by :func:`senseflow.train.distributed.parallelize` (``broadcast_from_rank0``).
     ``sharded``: the networks will be FSDP2-sharded (multi-process), so a LoRA network keeps its own
     base copy even with ``lora.shared_base`` (:mod:`senseflow.shared_base`); ``None``: whenever a
-    process group of more than one rank is initialised."""
+    process group of more than one rank is initialised.
+
+    Everything initialised at random here (LoRA adapters, discriminator heads) draws from the global RNG seeded
+    with ``train.seed``, inside ``fork_rng``: the same seed builds the same networks in every run and on every
+    rank, and the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[device.index or 0] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(derive_seed(config.train.seed, "model-init"))
+        return _build_models(config, device, rank, meta, sharded)
+
+
+def _build_models(config: Config, device: torch.device, rank: int, meta: bool,
+                  sharded: bool | None) -> DistillationModels:
     adapter, backbone = load_teacher(config, device, meta=meta)
     teacher = Denoiser(freeze(backbone), adapter)
     from .shared_base import lora_network, wants_shared_base

@@ -188,3 +188,26 @@ def test_lora_student_exports_and_reloads_with_load_lora_weights(family, tmp_pat
     assert not (merged / "pytorch_lora_weights.safetensors").exists()
     assert json.loads((merged / "senseflow_export.json").read_text())["lora"] is False
     assert (_stock(merged, prompt, seed, lora=False) - ours).abs().max().item() < ATOL
+
+
+def test_lora_adapters_are_initialised_from_train_seed_alone(tmp_path):
+    """peft draws lora_A from the global RNG: built inside the seeded fork, two runs with one train.seed get the same
+    adapters whatever the global RNG held, another seed gets others, and the caller's RNG is left alone."""
+    from senseflow.build import build_models
+
+    teacher = tmp_path / "teacher"
+    tiny_models.make_tiny_sd3_folder(teacher)
+
+    def adapters(seed: int, global_seed: int) -> dict:
+        config = validate({"paths": {"teacher": str(teacher)}, "teacher": {"family": "sd3", "resolution": RES,
+                                                                           "options": {"max_sequence_length": 8}},
+                           "method": {"name": "dmd2"}, "generator": {"lora": {"rank": 2}}, "train": {"seed": seed}})
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        models = build_models(config, torch.device("cpu"))
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return {n: p.detach().clone() for n, p in models.generator.denoiser.backbone.named_parameters() if is_lora_name(n)}
+
+    a, b, c = adapters(0, 1), adapters(0, 99), adapters(1, 1)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -394,3 +394,18 @@ def test_mismatch_term_leaves_a_blind_discriminator_no_constant_to_collapse_to(f
         monkeypatch.setattr(d, "head_logits", lambda fmaps, text, refs, c=c: torch.full((fmaps[0].shape[0], 3), c))
         losses.append(float(d.discriminator_loss(fake, batch).loss))
     assert losses == pytest.approx([2.0, 2.0, 2.0], abs=1e-6), losses
+
+
+def test_heads_are_initialised_from_the_seed_alone(folders, models):
+    """Two runs with the same train.seed must train the same D: the heads' weights (and spectral-norm vectors)
+    come from the seed, not from whatever the global RNG holds, and building leaves the global RNG alone."""
+    def heads(seed, global_seed):
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        d = build_vfm_discriminator(make_cfg(folders, seed=seed), models.teacher.adapter)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return {k: v.clone() for k, v in d.heads.state_dict().items()}
+
+    a, b, c = heads(5, 0), heads(5, 123), heads(6, 0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -103,7 +103,8 @@ class VFMDiscriminatorConfig(StrictModel):
     normalize_text: bool = Field(True, description="L2-normalise the CLIP text embedding before the projection")
     decode_checkpointing: bool = Field(False, description="recompute the VAE decode in backward (saves memory)")
     backbone_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    seed: int | None = Field(None, description="seed of the augmentation draws (None: torch's global CPU RNG)")
+    seed: int | None = Field(None, description="seed of the heads' initialisation and of the augmentation draws "
+                                               "(None: torch's global CPU RNG; training sets it to train.seed)")
 
     @field_validator("layers")
     @classmethod

@@ -253,9 +253,12 @@ class VFMDiscriminator(AdversarialTerm):
         self.patch_size = int(patch if isinstance(patch, int) else patch[0])
         config.check_image_size(self.patch_size)
         self.text_dim = config.check_text_width(int(clip_text.config.projection_dim))
-        self.heads = nn.ModuleList(
-            VFMHead(int(dcfg.hidden_size), config.head_channels, config.cmap_dim, self.text_dim,
-                    config.head_downsamples) for _ in self.layers)
+        with torch.random.fork_rng(devices=[], enabled=config.seed is not None):
+            if config.seed is not None:  # the heads' init (weights, spectral-norm vectors): same run for the same seed
+                torch.manual_seed(derive_seed(config.seed, "vfm-heads"))
+            self.heads = nn.ModuleList(
+                VFMHead(int(dcfg.hidden_size), config.head_channels, config.cmap_dim, self.text_dim,
+                        config.head_downsamples) for _ in self.layers)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.aug_generator: torch.Generator | None = None
