@@ -187,7 +187,8 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, le=65536, description="micro-batches per iteration (batch_size must divide "
                                                            "evenly)")
     grad_clip: float | None = Field(1.0, gt=0.0)
-    seed: int = 0
+    seed: int = Field(0, description="seeds every random draw of the run: data, noise, and the initialisation of "
+                                     "LoRA adapters and discriminator heads (two runs with one seed are the same run)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "amp_bf16", "bf16"] = Field(
         "fp32", description="amp_bf16: fp32 master weights + bf16 autocast; bf16: pure bf16 weights "
