@@ -19,9 +19,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..methods.base import Batch, LossOutput
 
 
-def hinge_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))``."""
-    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+def hinge_fake_loss(logits: Tensor) -> Tensor:
+    """``mean(relu(1 + D(x)))``: the hinge for inputs D should call fake."""
+    return F.relu(1.0 + logits).mean()
+
+
+def hinge_discriminator_loss(real_logits: Tensor, fake_logits: Tensor, mismatch_logits: Tensor | None = None,
+                             mismatch_share: float = 0.0) -> Tensor:
+    """``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))``.
+
+    With ``mismatch_logits`` (D on real images paired with another prompt) GAN-CLS's matching-aware form: the
+    mismatched pairs take the share w = ``mismatch_share`` of the fake side, ``(1 - w) * fake + w * mismatch``.
+    A share, not an extra term: added on top, a D that cannot yet separate anything pays least at a constant
+    logit of -1 and stalls there (docs/toy.md); as a share every constant in [-1, 1] costs the same.
+    """
+    real = F.relu(1.0 - real_logits).mean()
+    if mismatch_logits is None:
+        return real + hinge_fake_loss(fake_logits)
+    w = mismatch_share
+    return real + (1.0 - w) * hinge_fake_loss(fake_logits) + w * hinge_fake_loss(mismatch_logits)
 
 
 def hinge_generator_loss(fake_logits: Tensor) -> Tensor:

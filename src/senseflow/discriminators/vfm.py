@@ -74,7 +74,7 @@ from ..rng import derive_seed
 from ..teachers import loading
 from ..teachers.base import SenseflowError
 from .augment import diff_augment
-from .base import AdversarialTerm, hinge_discriminator_loss, hinge_generator_loss
+from .base import AdversarialTerm, hinge_discriminator_loss, hinge_fake_loss, hinge_generator_loss
 from .config import VFMDiscriminatorConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -396,22 +396,19 @@ class VFMDiscriminator(AdversarialTerm):
         refs = self.reference_maps(real, batch.prompts)
         logits_real = self.head_logits([m[:n] for m in fmaps], text, refs)
         logits_fake = self.head_logits([m[n:] for m in fmaps], text, refs)
-        loss = hinge_discriminator_loss(logits_real, logits_fake)
-        logs = {"d_real": logits_real.detach().mean(), "d_fake": logits_fake.detach().mean(),
-                "d_accuracy": 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).detach()}
         w = self.config.mismatch_weight
-        mismatch = self.mismatch_term([m[:n] for m in fmaps], text, refs, batch.prompts) if w > 0 else None
+        mismatch = self.mismatch_logits([m[:n] for m in fmaps], text, refs, batch.prompts) if w > 0 else None
+        loss = hinge_discriminator_loss(logits_real, logits_fake, mismatch, mismatch_share=w)
+        logs = {"loss_d": loss.detach(), "d_real": logits_real.detach().mean(), "d_fake": logits_fake.detach().mean(),
+                "d_accuracy": 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean()).detach()}
         if mismatch is not None:
-            # the mismatched pairs take a share of the fake side (GAN-CLS): added on top of it, the hinge loss of a D
-            # that cannot yet separate anything is lowest at a constant -1, where it stalls (docs/toy.md)
-            loss = F.relu(1.0 - logits_real).mean() + (1 - w) * F.relu(1.0 + logits_fake).mean() + w * mismatch[0]
-            logs.update({"loss_d_mismatch": mismatch[0].detach(), "d_mismatch": mismatch[1].detach()})
-        return LossOutput(loss, {"loss_d": loss.detach(), **logs})
+            logs.update({"loss_d_mismatch": hinge_fake_loss(mismatch).detach(), "d_mismatch": mismatch.detach().mean()})
+        return LossOutput(loss, logs)
 
-    def mismatch_term(self, real_fmaps: list[Tensor], text: Tensor, refs: list[Tensor] | None,
-                      prompts: list[str]) -> tuple[Tensor, Tensor] | None:
-        """GigaGAN's matching-aware loss: ``mean(relu(1 + D(real image, next element's prompt)))`` over the elements
-        whose next prompt differs (None when none does).
+    def mismatch_logits(self, real_fmaps: list[Tensor], text: Tensor, refs: list[Tensor] | None,
+                        prompts: list[str]) -> Tensor | None:
+        """D's logits on real images paired with the next element's prompt, for the elements whose next prompt
+        differs (None when none does): the inputs of GAN-CLS's / GigaGAN's matching-aware term.
 
         Why: a projection discriminator can score realism alone and ignore the text; calling real images with the
         wrong prompt fake is what makes it judge whether an image shows its prompt (and G's gradient with it).
@@ -422,6 +419,4 @@ class VFMDiscriminator(AdversarialTerm):
         if not bool(keep.any()):
             return None
         idx = torch.tensor(shifted, device=text.device)
-        logits = self.head_logits(real_fmaps, text[idx], refs)
-        per_sample = F.relu(1.0 + logits).flatten(1).mean(dim=1)
-        return per_sample[keep].mean(), logits.detach()[keep].mean()
+        return self.head_logits(real_fmaps, text[idx], refs)[keep]
