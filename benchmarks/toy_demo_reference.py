@@ -26,11 +26,22 @@ from senseflow.toy.evaluator import ToyEvaluator
 TEACHER_POINTS = ((4, 1.0), (4, 2.0), (4, 3.0), (8, 3.0), (32, 2.0))
 
 
+def _point(text: str) -> tuple[int, float]:
+    """``STEPS:CFG`` -> (steps, cfg); argparse turns the error into one line and exit 2."""
+    steps, sep, cfg = text.partition(":")
+    try:
+        if not sep or int(steps) < 1:
+            raise ValueError
+        return int(steps), float(cfg)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEPS:CFG (e.g. 4:3)") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=None, help="toy teacher folder (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (the demo's --seed)")
-    p.add_argument("--points", nargs="*", default=None, metavar="STEPS:CFG",
+    p.add_argument("--points", nargs="*", type=_point, default=None, metavar="STEPS:CFG",
                    help="teacher settings to score (default: the full reference list, floor and student start)")
     args = p.parse_args(argv)
     overrides = ["paths.output=runs/demo_reference", "train.progress=false"]
@@ -46,15 +57,15 @@ def main(argv: list[str] | None = None) -> None:
         m = evaluator.evaluate(images, evalset.prompts)
         print(f"{name:44s} attr_acc {m['attr_acc']:.3f}  fd_real {m['fd_real']:7.1f}", flush=True)
 
-    points = TEACHER_POINTS if args.points is None else [(int(a), float(b)) for a, b in
-                                                          (x.split(":") for x in args.points)]
-    if args.points is None:
+    full = args.points is None  # the whole reference list: floor, teacher points, student start
+    points = TEACHER_POINTS if full else args.points
+    if full:
         show("real images, other placements (floor)", ToyEvaluator.load(reference_seed=1).reference_images(evalset.prompts))
     for steps, cfg in points:
         t0 = time.time()
         images, _ = sample_teacher(teacher, evalset, steps, cfg)
         show(f"teacher {steps} Euler steps, CFG {cfg} ({time.time() - t0:.0f} s)", images)
-    for sampler in ("stochastic", "euler") if args.points is None else ():
+    for sampler in ("stochastic", "euler") if full else ():
         images, _ = sample_student(trainer.method.models.generator, evalset, sampler)
         show(f"student at initialisation, {sampler}", images)
 

@@ -112,7 +112,8 @@ def build_models(config: Config, device: torch.device, rank: int = 0, meta: bool
     Everything initialised at random here (LoRA adapters, discriminator heads) draws from the global RNG seeded
     with ``train.seed``, inside ``fork_rng``: the same seed builds the same networks in every run and on every
     rank, and the caller's global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[device.index or 0] if torch.device(device).type == "cuda" else []):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(derive_seed(config.train.seed, "model-init"))
         return _build_models(config, device, rank, meta, sharded)
 
