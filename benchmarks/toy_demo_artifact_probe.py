@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="*", help="demo run folders holding student/ (e.g. runs/demo/run)")
     args = p.parse_args(argv)
+    students = {run: load_student(run).generator for run in args.runs}   # a bad folder fails before minutes of sampling
     evaluator = ToyEvaluator.load()
     config = load_config(RECIPES / "senseflow.yaml", ["paths.output=runs/artifact_probe", "train.progress=false"])
     trainer = api.build_trainer(config, resume="never")
@@ -44,17 +45,15 @@ def main(argv: list[str] | None = None) -> None:
             "teacher 4 steps CFG 3": sample_teacher(teacher, evalset, 4, 3.0)[0]}
     for sampler in ("stochastic", "euler"):
         sets[f"student at init, {sampler}"] = sample_student(trainer.method.models.generator, evalset, sampler)[0]
-    for run in args.runs:
-        generator = load_student(run).generator
+    for run, generator in students.items():
         for sampler in ("stochastic", "euler"):
             sets[f"{run}, {sampler}"] = sample_student(generator, evalset, sampler)[0]
 
     def fd(x: torch.Tensor) -> str:
-        m = evaluator.evaluate(x.clamp(-1, 1), evalset.prompts)
-        return f"{m['fd_real']:6.1f}"
+        return f"{evaluator.frechet_distance(sets['real'], x.clamp(-1, 1)):6.1f}"
 
     for name, x in sets.items():
-        m = evaluator.evaluate(x, evalset.prompts)
+        m = evaluator.evaluate(x, evalset.prompts, reference_real=sets["real"])
         fixed = (x - _blur(x)).mean(0, keepdim=True)
         x01 = (x + 1) / 2
         bg = x01.flatten(2).median(-1).values[..., None, None]
